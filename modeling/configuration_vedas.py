@@ -1,0 +1,196 @@
+# Copyright 2026 The vedas-hf authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of Vedas (Visual Enhanced Depth Scaling) on a Qwen2-VL backbone.
+
+This file is uploaded to the Hub next to `modeling_vedas.py`; it imports only transformers.
+"""
+
+import math
+
+from transformers import Qwen2VLConfig
+
+
+REPLAY_MODES = ("patches", "soft_mix", "none")
+ROUTER_LAYER_PRESETS = ("all", "odd", "even", "none")
+ROUTER_SCHEDULES = ("fixed", "cosine")
+ROUTER_POSITIONS = ("keep", "rearrange")
+TOKEN_SR_KINDS = ("linear", "mlp")
+
+
+def resolve_router_layers(spec, num_layers: int) -> list[int]:
+    """Turn a router-layer spec into sorted decoder-layer indices.
+
+    Args:
+        spec: `"all"`, `"odd"` (indices 1, 3, ...), `"even"` (0, 2, ...), `"none"`, or a list of indices.
+        num_layers: number of decoder layers of the language model.
+    """
+    if isinstance(spec, str):
+        if spec not in ROUTER_LAYER_PRESETS:
+            raise ValueError(
+                f"router_layers={spec!r} is not a known preset; use one of {ROUTER_LAYER_PRESETS} or a list of "
+                f"layer indices in [0, {num_layers})."
+            )
+        if spec == "none":
+            return []
+        start = {"all": 0, "odd": 1, "even": 0}[spec]
+        step = 1 if spec == "all" else 2
+        return list(range(start, num_layers, step))
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        raise ValueError(f"router_layers={spec!r} must be a preset string or a list of ints.")
+    bad = [i for i in spec if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"router_layers contains {bad}, outside [0, {num_layers}) for a language model with {num_layers} layers."
+        )
+    return sorted(set(spec))
+
+
+def cosine_alpha(layer_idx: int, num_layers: int, alpha_start: int, alpha_end: int) -> int:
+    """Cosine-annealed token retention of eq. 15.
+
+    The paper prints `alpha_s + (alpha_s - alpha_e) / 2 * (1 + cos(pi * l / L))`, which would start at
+    `2 * alpha_s - alpha_e`; its text says the count "decays from alpha_s to alpha_e". We implement the stated
+    intent: `alpha_e + (alpha_s - alpha_e) / 2 * (1 + cos(pi * l / L))`, equal to `alpha_s` at layer 0 and
+    approaching `alpha_e` at the last layer.
+    """
+    value = alpha_end + (alpha_start - alpha_end) / 2 * (1 + math.cos(math.pi * layer_idx / num_layers))
+    return max(1, int(round(value)))
+
+
+class VedasQwen2VLConfig(Qwen2VLConfig):
+    r"""
+    Configuration of [`VedasQwen2VLForConditionalGeneration`]: a stock Qwen2-VL configuration plus the fields of
+    Vedas (paper sections 3.2-3.4). Defaults are the paper's settings.
+
+    Args:
+        latent_token_id (`int`, *optional*):
+            Id of `<|latent|>`. Training sequences hold one per latent step; `generate` inserts them itself.
+        start_latent_token_id (`int`, *optional*):
+            Id of `<|start-latent|>`, appended to the prompt before the latent steps.
+        end_latent_token_id (`int`, *optional*):
+            Id of `<|end-latent|>`, fed after the last latent step; required by `generate` with latent steps.
+        num_latent_steps (`int`, *optional*, defaults to 4):
+            Latent steps T_r run by `generate` (0 = plain decoding).
+        replay_mode (`str`, *optional*, defaults to `"patches"`):
+            Visual replay (SCF-VR): `"patches"` inserts the K selected visual tokens, weighted by their softmaxed
+            saliency (eq. 6), before each latent; `"soft_mix"` inserts their weighted sum as one token
+            (table 5c); `"none"` disables replay (Coconut-style baseline).
+        replay_top_k (`int`, *optional*, defaults to 32):
+            K, visual tokens replayed per latent step (eq. 5).
+        router_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
+            Decoder layers wrapped with a router (Routing Depth Scaling): `"all"`, `"odd"`, `"even"`, `"none"` or
+            a list of layer indices.
+        router_top_k (`int`, *optional*, defaults to 32):
+            alpha, tokens refined per routed chunk and layer with the `"fixed"` schedule.
+        router_schedule (`str`, *optional*, defaults to `"fixed"`):
+            `"fixed"` (alpha for every layer) or `"cosine"` (eq. 15, from `router_alpha_start` to
+            `router_alpha_end`).
+        router_alpha_start (`int`, *optional*, defaults to 64):
+            alpha_s of the cosine schedule.
+        router_alpha_end (`int`, *optional*, defaults to 16):
+            alpha_e of the cosine schedule.
+        router_depth (`int`, *optional*, defaults to 1):
+            D, extra passes of a routed layer over its selected tokens (eqs. 11-12).
+        router_positions (`str`, *optional*, defaults to `"keep"`):
+            Rotary positions of selected tokens in the extra passes: `"keep"` their own, `"rearrange"` re-indexed
+            0..n-1 over the selected set (table 5d).
+        recon_window (`int`, *optional*, defaults to 3):
+            W, side of the densest window on the merged visual grid that is cropped and re-encoded (eq. 7).
+        token_sr (`str`, *optional*, defaults to `"linear"`):
+            TokenSR mapping pooled replay tokens to the re-encoded crop (table 4): `"linear"` or `"mlp"`.
+        recon_loss_weight (`float`, *optional*, defaults to 1.0):
+            lambda of eq. 13 (the paper uses 1.0 for 2B/3B and 0.2 for 7B backbones).
+    """
+
+    model_type = "vedas_qwen2_vl"
+
+    latent_token_id: int | None = None
+    start_latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+    num_latent_steps: int = 4
+    replay_mode: str = "patches"
+    replay_top_k: int = 32
+    router_layers: str | list[int] = "all"
+    router_top_k: int = 32
+    router_schedule: str = "fixed"
+    router_alpha_start: int = 64
+    router_alpha_end: int = 16
+    router_depth: int = 1
+    router_positions: str = "keep"
+    recon_window: int = 3
+    token_sr: str = "linear"
+    recon_loss_weight: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_vedas_fields()
+
+    def _validate_vedas_fields(self):
+        choices = {
+            "replay_mode": REPLAY_MODES,
+            "router_schedule": ROUTER_SCHEDULES,
+            "router_positions": ROUTER_POSITIONS,
+            "token_sr": TOKEN_SR_KINDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {allowed}.")
+        minimums = {
+            "num_latent_steps": 0,
+            "replay_top_k": 1,
+            "router_top_k": 1,
+            "router_alpha_start": 1,
+            "router_alpha_end": 1,
+            "router_depth": 1,
+            "recon_window": 1,
+        }
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        if not isinstance(self.recon_loss_weight, (int, float)) or self.recon_loss_weight < 0:
+            raise ValueError(f"recon_loss_weight={self.recon_loss_weight!r} must be a number >= 0.")
+        resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
+        self._validate_token_ids()
+
+    def _validate_token_ids(self):
+        latent_ids = {
+            "latent_token_id": self.latent_token_id,
+            "start_latent_token_id": self.start_latent_token_id,
+            "end_latent_token_id": self.end_latent_token_id,
+        }
+        vocab_size = self.text_config.vocab_size
+        reserved = {
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+        }
+        seen = {}
+        for name, value in latent_ids.items():
+            if value is None:
+                continue
+            if not isinstance(value, int) or not 0 <= value < vocab_size:
+                raise ValueError(f"{name}={value!r} must be an int in [0, vocab_size={vocab_size}).")
+            clash = [other for other, other_value in {**reserved, **seen}.items() if other_value == value]
+            if clash:
+                raise ValueError(
+                    f"{name}={value} is also {clash[0]}; every latent token needs its own id (re-run "
+                    "vedas_hf.convert to add the latent tokens)."
+                )
+            seen[name] = value
+
+    @property
+    def router_layer_indices(self) -> list[int]:
+        """Decoder-layer indices that carry a router."""
+        return resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
+
+    def router_alpha(self, layer_idx: int) -> int:
+        """alpha(l): tokens refined at decoder layer `layer_idx` per routed chunk."""
+        if self.router_schedule == "fixed":
+            return self.router_top_k
+        return cosine_alpha(
+            layer_idx, self.text_config.num_hidden_layers, self.router_alpha_start, self.router_alpha_end
+        )
+
+
+__all__ = ["VedasQwen2VLConfig", "cosine_alpha", "resolve_router_layers"]

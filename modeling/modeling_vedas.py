@@ -1,0 +1,969 @@
+# Copyright 2026 The vedas-hf authors. Licensed under the Apache License, Version 2.0.
+"""Vedas (Visual Enhanced Depth Scaling) on a Qwen2-VL backbone.
+
+Paper: "Visual Enhanced Depth Scaling for Multimodal Latent Reasoning" (arXiv 2604.10500).
+
+A stock Qwen2-VL with three additions, all active only during the *implicit phase* (prompt prefill and latent
+steps); answer tokens run the stock layers:
+
+* Routing Depth Scaling (RDS, eqs. 10-12): selected decoder layers carry a router that picks the top-alpha tokens
+  of each routed chunk and runs D extra passes of the same layer over them, attention restricted to the selected
+  tokens (causal: earlier chunks' selected tokens are kept per layer), mixed back through a zero-initialised gate.
+* Visual replay (SCF-VR, eqs. 4-6): before each latent step the top-K unvisited visual tokens by saliency of the
+  last token (computed from its query and the cached keys, no attention maps) are re-inserted, weighted.
+* Reconstruction (eqs. 7-9, training only): the densest W x W window of the selected tokens is cropped from
+  `pixel_values`, re-encoded by the vision tower and regressed by TokenSR from the pooled replay tokens.
+
+Latent steps run against a KV cache: each step processes only its new tokens (replay + latent).
+
+This file is uploaded to the Hub; it imports only torch, transformers and `configuration_vedas`.
+"""
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+    Qwen2VLDecoderLayer,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+    Qwen2VLPreTrainedModel,
+    Qwen2VLTextModel,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+from .configuration_vedas import VedasQwen2VLConfig
+
+
+# transformers renamed the cache keyword from `past_key_values` (<= 5.2x) to `cache`; detect it once.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2VLTextModel.forward).parameters else "past_key_values"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-pass state shared with the decoder layers
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VedasRouterCache:
+    """Keys/values of the tokens selected by each router, kept per (layer, depth) and per routed chunk.
+
+    A selected token's restricted attention sees the selected tokens of earlier chunks (read from here) and the
+    earlier selected tokens of its own chunk. Entries are keyed by chunk index and *set*, never appended, so a
+    re-run of a chunk (e.g. a recompute) cannot duplicate them.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def store(self, layer_idx: int, depth: int, chunk: int, keys, values, valid):
+        """keys/values: `(batch, kv_heads, n, head_dim)`; valid: `(batch, n)` bool."""
+        self._entries.setdefault((layer_idx, depth), {})[chunk] = (keys, values, valid)
+
+    def past(self, layer_idx: int, depth: int, before_chunk: int):
+        """Concatenated entries of chunks `< before_chunk`, or `None`."""
+        entries = self._entries.get((layer_idx, depth), {})
+        chunks = sorted(c for c in entries if c < before_chunk)
+        if not chunks:
+            return None
+        keys, values, valid = zip(*(entries[c] for c in chunks))
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=1)
+
+    def batch_select(self, index: torch.Tensor):
+        """Keep batch rows `index` (e.g. beam reordering); returns self."""
+        for per_chunk in self._entries.values():
+            for chunk, (k, v, m) in per_chunk.items():
+                per_chunk[chunk] = (k[index], v[index], m[index])
+        return self
+
+
+@dataclass
+class VedasPass:
+    """What the decoder layers need for one routed forward call (one or several implicit-phase chunks).
+
+    Attributes:
+        key_mask: `(batch, past + seq)` bool, keys the last token may attend (saliency softmax mask).
+        eligible: `(batch, seq)` bool, tokens of this call that a router may select (non-padding).
+        chunks: column ranges `[start, end)` of this call, each routed separately (top-alpha per chunk).
+        chunk_index: global index of the first chunk of this call (orders router-cache entries).
+        router_cache: selected keys/values of earlier chunks.
+        rotary_emb: the text model's rotary embedding (for `router_positions="rearrange"`).
+        capture_saliency: whether each layer records the last token's attention over all keys.
+        saliency: filled by the layers: layer index -> `(batch, past + seq)` head-averaged attention row.
+    """
+
+    key_mask: torch.Tensor
+    eligible: torch.Tensor
+    chunks: list
+    chunk_index: int
+    router_cache: VedasRouterCache
+    config: VedasQwen2VLConfig
+    rotary_emb: nn.Module
+    capture_saliency: bool = True
+    saliency: dict = field(default_factory=dict)
+
+    def mean_saliency(self) -> torch.Tensor:
+        """Eq. 4 restricted to the last token: mean over layers and heads, `(batch, past + seq)`."""
+        return torch.stack([self.saliency[i] for i in sorted(self.saliency)]).mean(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routing Depth Scaling
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VedasRouter(nn.Module):
+    """Per-layer router (eq. 10) and step-aware gate e(d) (eq. 12).
+
+    `score` maps a hidden state to a scalar importance; `gate` `(depth, hidden)` scales each depth's refinement and
+    is zero-initialised so a freshly converted checkpoint equals the stock model.
+    """
+
+    def __init__(self, hidden_size: int, depth: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        self.gate = nn.Parameter(torch.zeros(depth, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> router logits `(batch, seq)`."""
+        return self.score(hidden_states).squeeze(-1)
+
+
+def select_top_alpha(scores: torch.Tensor, eligible: torch.Tensor, chunks: list, alpha: int):
+    """Top-alpha eligible tokens of each chunk, returned in position order.
+
+    Args:
+        scores: `(batch, seq)` router logits.
+        eligible: `(batch, seq)` bool; padding is never selected.
+        chunks: column ranges `[start, end)`; each contributes `min(alpha, end - start)` slots.
+    Returns:
+        index `(batch, n)` long, ascending; valid `(batch, n)` bool (False where a chunk had fewer eligible tokens).
+    """
+    indices, valids = [], []
+    for start, end in chunks:
+        k = min(alpha, end - start)
+        chunk_scores = scores[:, start:end].masked_fill(~eligible[:, start:end], float("-inf"))
+        top = chunk_scores.topk(k, dim=-1)
+        index, order = (top.indices + start).sort(dim=-1)
+        indices.append(index)
+        valids.append(torch.isfinite(top.values).gather(-1, order))
+    return torch.cat(indices, dim=1), torch.cat(valids, dim=1)
+
+
+def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq, dim)` gathered at `(batch, n)` -> `(batch, n, dim)`."""
+    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+class VedasQwen2VLDecoderLayer(Qwen2VLDecoderLayer):
+    """Qwen2-VL decoder layer that can (a) report the last token's attention row for visual saliency and
+    (b) when it carries a router, refine the top-alpha tokens of each routed chunk with D extra passes.
+
+    Without a `vedas_pass` keyword argument it is exactly the stock layer.
+    """
+
+    def __init__(self, config, layer_idx: int, router_depth: int | None = None):
+        super().__init__(config, layer_idx)
+        self.layer_idx = layer_idx
+        self.router = VedasRouter(config.hidden_size, router_depth) if router_depth else None
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        vedas_pass = kwargs.pop("vedas_pass", None)
+        output = super().forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        if vedas_pass is None:
+            return output
+        if vedas_pass.capture_saliency:
+            cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+            vedas_pass.saliency[self.layer_idx] = self._last_token_attention(
+                hidden_states, position_embeddings, cache, vedas_pass.key_mask
+            )
+        if self.router is not None:
+            output = self._route(output, position_embeddings, vedas_pass)
+        return output
+
+    # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
+
+    @torch.no_grad()
+    def _last_token_attention(self, hidden_states, position_embeddings, cache, key_mask):
+        """Head-averaged attention of the last token over every cached key: `(batch, past + seq)`.
+
+        Recomputes the last token's query (one token) and reads the keys this layer just wrote to the cache, so it
+        needs neither attention maps nor eager attention: O(heads x keys) memory.
+        """
+        attn = self.self_attn
+        batch = hidden_states.shape[0]
+        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1:]))
+        query = query.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        cos, sin = position_embeddings
+        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        keys = repeat_kv(cache.layers[self.layer_idx].keys, attn.num_key_value_groups)  # (B, H, P, hd)
+        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, P)
+        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+        return logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=1)
+
+    # ---- routing depth scaling (eqs. 10-12) ------------------------------------------------------------------
+
+    def _route(self, hidden_states, position_embeddings, vedas_pass: VedasPass):
+        """Refine the top-alpha tokens of each chunk of `hidden_states` `(batch, seq, hidden)`.
+
+        h^(d) = s * f_restricted(h^(d-1)) on the selected tokens (eq. 11, s = sigmoid(router logit)), and the
+        layer output becomes H^(0) + sum_d e(d) * h^(d) on the selected tokens only (eq. 12).
+        """
+        config = vedas_pass.config
+        alpha = config.router_alpha(self.layer_idx)
+        state, output = hidden_states, hidden_states
+        for depth in range(self.router.gate.shape[0]):
+            logits = self.router(state)
+            index, valid = select_top_alpha(logits, vedas_pass.eligible, vedas_pass.chunks, alpha)
+            selected = _gather_tokens(state, index)
+            cos, sin = self._selected_rotary(position_embeddings, index, valid, depth, vedas_pass)
+            refined = self._restricted_pass(selected, cos, sin, valid, depth, vedas_pass)
+            refined = torch.sigmoid(logits.gather(1, index)).unsqueeze(-1).to(refined.dtype) * refined
+            refined = refined * valid.unsqueeze(-1)
+            scatter_index = index.unsqueeze(-1).expand_as(refined)
+            output = output.scatter_add(1, scatter_index, refined * self.router.gate[depth].to(refined.dtype))
+            keep = (~valid).unsqueeze(-1)
+            state = state.scatter(1, scatter_index, torch.where(keep, selected, refined))
+        return output
+
+    def _selected_rotary(self, position_embeddings, index, valid, depth, vedas_pass):
+        """cos/sin `(batch, n, head_dim)` of the selected tokens: their own (`keep`) or re-indexed (`rearrange`)."""
+        if vedas_pass.config.router_positions == "keep":
+            cos, sin = position_embeddings
+            return _gather_tokens(cos, index), _gather_tokens(sin, index)
+        past = vedas_pass.router_cache.past(self.layer_idx, depth, vedas_pass.chunk_index)
+        offset = past[2].sum(dim=1, keepdim=True) if past is not None else 0
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0) + offset  # (B, n)
+        return vedas_pass.rotary_emb(position_embeddings[0], positions.unsqueeze(0).expand(3, -1, -1))
+
+    def _restricted_pass(self, selected, cos, sin, valid, depth, vedas_pass):
+        """The layer's transformation f over the selected tokens only: `(batch, n, hidden)` -> same.
+
+        Attention: a selected token sees the valid selected tokens of earlier chunks and the earlier (or same)
+        selected tokens of its own call, in position order. Invalid slots only see themselves; their output is
+        discarded by the caller.
+        """
+        attn = self.self_attn
+        batch, n, _ = selected.shape
+        normed = self.input_layernorm(selected)
+        query = attn.q_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+        keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+        values = attn.v_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+        query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
+        vedas_pass.router_cache.store(self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid)
+
+        causal = torch.ones(n, n, dtype=torch.bool, device=selected.device).tril()
+        mask = causal & valid[:, None, :]  # (B, n, n)
+        mask = mask | torch.eye(n, dtype=torch.bool, device=selected.device)
+        past = vedas_pass.router_cache.past(self.layer_idx, depth, vedas_pass.chunk_index)
+        if past is not None:
+            past_keys, past_values, past_valid = past
+            keys = torch.cat([past_keys, keys], dim=2)
+            values = torch.cat([past_values, values], dim=2)
+            mask = torch.cat([past_valid[:, None, :].expand(-1, n, -1), mask], dim=2)
+        out = F.scaled_dot_product_attention(
+            query,
+            repeat_kv(keys, attn.num_key_value_groups),
+            repeat_kv(values, attn.num_key_value_groups),
+            attn_mask=mask[:, None],
+            scale=attn.scaling,
+        )
+        hidden = selected + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VedasQwen2VLTextModel(Qwen2VLTextModel):
+    """Qwen2-VL language model whose decoder layers are [`VedasQwen2VLDecoderLayer`]s."""
+
+    def __init__(self, config, router_layers=(), router_depth: int = 1):
+        super().__init__(config)
+        routed = set(router_layers)
+        self.layers = nn.ModuleList(
+            VedasQwen2VLDecoderLayer(config, i, router_depth if i in routed else None)
+            for i in range(config.num_hidden_layers)
+        )
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, VedasRouter):
+            init.normal_(module.score.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.score.bias)
+            init.zeros_(module.gate)
+        else:
+            super()._init_weights(module)
+
+
+class VedasQwen2VLModel(Qwen2VLModel):
+    """Qwen2-VL backbone (vision tower + Vedas language model)."""
+
+    config_class = VedasQwen2VLConfig
+
+    def __init__(self, config: VedasQwen2VLConfig):
+        Qwen2VLPreTrainedModel.__init__(self, config)
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = VedasQwen2VLTextModel._from_config(
+            config.text_config, router_layers=config.router_layer_indices, router_depth=config.router_depth
+        )
+        self.rope_deltas = None
+        self.post_init()
+
+
+class TokenSR(nn.Module):
+    """Token super-resolution F_SR (eq. 9, table 4): `(..., hidden)` -> `(..., hidden)`."""
+
+    def __init__(self, hidden_size: int, kind: str):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(hidden_size, hidden_size)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
+@dataclass
+class VedasCausalLMOutput(ModelOutput):
+    """Output of [`VedasQwen2VLForConditionalGeneration.forward`] on sequences with latent tokens.
+
+    Attributes:
+        loss: `ce_loss + recon_loss_weight * recon_loss` (eq. 13), when `labels` are given.
+        logits: `(batch, seq, vocab)` aligned with `input_ids` (replayed tokens removed, so labels line up).
+        ce_loss: next-token cross entropy.
+        recon_loss: mean over latent steps of the TokenSR reconstruction MSE (eq. 9), training only.
+        latent_trace: per latent step, the replay selections (see `VedasQwen2VLForConditionalGeneration`).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    recon_loss: torch.Tensor | None = None
+    latent_trace: list | None = None
+
+
+@dataclass
+class ImplicitPhase:
+    """State after the prompt prefill and the latent steps.
+
+    Attributes:
+        cache: KV cache holding prompt, replayed tokens and latents.
+        attention_mask: `(batch, cached_len)` long mask over the cache.
+        latent_hidden: `(batch, steps, hidden)` last hidden state of each latent pass.
+        prompt_hidden: `(batch, prompt_len, hidden)` final hidden states of the prompt.
+        last_hidden: `(batch, hidden)` hidden state of the last processed token.
+        rope_deltas: `(batch, 1)` M-RoPE offset of the prompt (positions after it are cumsum(mask) - 1 + delta).
+        inserted: `(batch, inserted_len)` long mask of the inserted tokens (replay + latents), in cache order.
+        trace: per step dicts with `index` `(batch, K)` visual-token indices and `valid` `(batch, K)`.
+        recon_losses: per step scalar losses (training with `pixel_values`).
+    """
+
+    cache: object
+    attention_mask: torch.Tensor
+    latent_hidden: torch.Tensor
+    prompt_hidden: torch.Tensor
+    last_hidden: torch.Tensor
+    rope_deltas: torch.Tensor
+    inserted: torch.Tensor
+    trace: list
+    recon_losses: list
+
+
+class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with Vedas latent reasoning.
+
+    * `forward(input_ids, ...)` on sequences *without* `<|latent|>` tokens is the stock forward. With latent tokens
+      (a contiguous block after the prompt, aligned across the batch; rows may pad the tail of the block) it runs
+      the latent passes: prompt prefill, one cached pass per latent (replay tokens + latent, whose input embedding
+      is the previous pass's last hidden state, eq. 1), then the rest of the sequence with the stock layers.
+    * `generate(..., num_latent_steps=T)` runs the same implicit phase, then decodes the answer with the stock
+      generation loop. Output layout is the stock one: prompt ids then answer ids.
+    """
+
+    config_class = VedasQwen2VLConfig
+    _no_split_modules = ["VedasQwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+
+    def __init__(self, config: VedasQwen2VLConfig):
+        Qwen2VLPreTrainedModel.__init__(self, config)
+        self.model = VedasQwen2VLModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.token_sr = TokenSR(text.hidden_size, config.token_sr)
+        self.post_init()
+
+    # ---- embeddings and positions -----------------------------------------------------------------------------
+
+    def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
+        """Token embeddings with the vision features scattered into the image placeholders: `(batch, seq, hidden)`."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+        features = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(image_mask, features)
+
+    def _prompt_positions(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids):
+        """M-RoPE positions `(3, batch, seq)` of the prompt and the offset `(batch, 1)` for what follows it."""
+        if image_grid_thw is not None:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = (input_ids == self.config.image_token_id).int()
+            return self.model.get_rope_index(
+                input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                attention_mask=attention_mask,
+            )
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+        return positions.unsqueeze(0).expand(3, -1, -1), deltas
+
+    @staticmethod
+    def _positions_after_prompt(full_mask, new_len, rope_deltas):
+        """Sequential text positions `(3, batch, new_len)` of the last `new_len` columns of `full_mask`."""
+        positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_len:] + rope_deltas
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    # ---- one cached pass through the language model ---------------------------------------------------------
+
+    def _language_pass(self, embeds, positions, full_mask, cache, vedas_pass=None):
+        """Run `embeds` `(batch, seq, hidden)` against `cache`; returns final-norm hidden states `(batch, seq, hidden)`."""
+        kwargs = {CACHE_KWARG: cache}
+        if vedas_pass is not None:
+            kwargs["vedas_pass"] = vedas_pass
+        out = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=True, **kwargs
+        )
+        return out.last_hidden_state
+
+    def _routed_pass(self, embeds, positions, full_mask, cache, router_cache, eligible, chunks, chunk_index):
+        """A routed (implicit-phase) pass over one or several chunks; returns hidden states and the saliency
+        `(batch, cached_len)` of the last token."""
+        vedas_pass = VedasPass(
+            key_mask=full_mask.bool(),
+            eligible=eligible,
+            chunks=chunks,
+            chunk_index=chunk_index,
+            router_cache=router_cache,
+            config=self.config,
+            rotary_emb=self.model.language_model.rotary_emb,
+        )
+        hidden = self._language_pass(embeds, positions, full_mask, cache, vedas_pass)
+        return hidden, vedas_pass.mean_saliency()
+
+    # ---- visual replay (eqs. 4-6) ---------------------------------------------------------------------------
+
+    def _replay_tokens(self, saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k):
+        """Select the top-K unvisited visual tokens and build the replay tokens B(t).
+
+        Args:
+            saliency: `(batch, cached_len)` last-token attention; its first `prompt_len` columns are the prompt.
+            visual_pos: `(batch, Nv)` prompt column of each visual token; visual_valid `(batch, Nv)` bool.
+            visited: `(batch, Nv)` bool, tokens replayed at earlier steps.
+            prompt_embeds: `(batch, prompt_len, hidden)` prompt input embeddings (vision features at image slots).
+            active: `(batch,)` bool, rows that run this latent step.
+        Returns:
+            tokens `(batch, n, hidden)`, tokens_valid `(batch, n)`, index `(batch, K)` into the visual tokens,
+            index_valid `(batch, K)`, pooled `(batch, hidden)` = Pool(B(t)).
+        """
+        scores = saliency.gather(1, visual_pos).masked_fill(~(visual_valid & ~visited), float("-inf"))
+        top = scores.topk(top_k, dim=-1)
+        index = top.indices
+        index_valid = torch.isfinite(top.values) & active[:, None]
+        weights = top.values.masked_fill(~index_valid, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # eq. 6
+        visual = _gather_tokens(prompt_embeds, visual_pos.gather(1, index))  # (B, K, hidden)
+        weighted = weights.unsqueeze(-1).to(visual.dtype) * visual
+        count = index_valid.sum(dim=1, keepdim=True).clamp(min=1)
+        pooled = weighted.sum(dim=1) / count.to(weighted.dtype)
+        if self.config.replay_mode == "soft_mix":
+            return weighted.sum(dim=1, keepdim=True), index_valid.any(dim=1, keepdim=True), index, index_valid, pooled
+        return weighted, index_valid, index, index_valid, pooled
+
+    # ---- the implicit phase -----------------------------------------------------------------------------------
+
+    def _implicit_phase(
+        self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, step_active,
+        compute_recon=False,
+    ) -> ImplicitPhase:
+        """Prompt prefill and `step_active.shape[1]` latent steps with visual replay, against one KV cache.
+
+        Args:
+            input_ids: `(batch, prompt_len)` left-padded prompt (incl. `<|start-latent|>` if used).
+            attention_mask: `(batch, prompt_len)`.
+            step_active: `(batch, steps)` bool, which rows run each latent step (ragged latent counts).
+            compute_recon: also compute the reconstruction loss of every step (needs `pixel_values`).
+        """
+        config = self.config
+        attention_mask = attention_mask.long()
+        prompt_embeds = self._prompt_embeddings(input_ids, pixel_values, image_grid_thw)
+        positions, rope_deltas = self._prompt_positions(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        cache = DynamicCache(config=config.text_config)
+        router_cache = VedasRouterCache()
+        prompt_hidden, saliency = self._routed_pass(
+            prompt_embeds, positions, attention_mask, cache, router_cache,
+            attention_mask.bool(), [(0, input_ids.shape[1])], 0,
+        )
+
+        visual_pos, visual_valid = _visual_positions(input_ids == config.image_token_id)
+        visited = torch.zeros_like(visual_valid)
+        top_k = min(config.replay_top_k, visual_pos.shape[1]) if config.replay_mode != "none" else 0
+        full_mask, last_hidden = attention_mask, prompt_hidden[:, -1]
+        latent_hidden, inserted, trace, recon_losses = [], [], [], []
+        for step in range(step_active.shape[1]):
+            active = step_active[:, step]
+            latent = last_hidden.unsqueeze(1).to(prompt_embeds.dtype)  # eq. 1
+            chunk, chunk_valid = latent, active[:, None]
+            if top_k > 0:
+                tokens, tokens_valid, index, index_valid, pooled = self._replay_tokens(
+                    saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
+                )
+                chunk = torch.cat([tokens, latent], dim=1)
+                chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
+                visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
+                trace.append({"index": index, "valid": index_valid})
+                if compute_recon and pixel_values is not None:
+                    recon_losses.append(
+                        self._reconstruction_loss(pooled, index, index_valid, input_ids, image_grid_thw, pixel_values)
+                    )
+            chunk_mask = chunk_valid.long()
+            full_mask = torch.cat([full_mask, chunk_mask], dim=1)
+            chunk_positions = self._positions_after_prompt(full_mask, chunk.shape[1], rope_deltas)
+            hidden, saliency = self._routed_pass(
+                chunk, chunk_positions, full_mask, cache, router_cache,
+                chunk_valid, [(0, chunk.shape[1])], step + 1,
+            )
+            last_hidden = hidden[:, -1]
+            latent_hidden.append(last_hidden)
+            inserted.append(chunk_mask)
+        batch, hidden_size = prompt_hidden.shape[0], prompt_hidden.shape[-1]
+        return ImplicitPhase(
+            cache=cache,
+            attention_mask=full_mask,
+            latent_hidden=torch.stack(latent_hidden, dim=1) if latent_hidden else prompt_hidden.new_zeros(batch, 0, hidden_size),
+            prompt_hidden=prompt_hidden,
+            last_hidden=last_hidden,
+            rope_deltas=rope_deltas,
+            inserted=torch.cat(inserted, dim=1) if inserted else attention_mask.new_zeros(batch, 0),
+            trace=trace,
+            recon_losses=recon_losses,
+        )
+
+    # ---- spatially-coherent reconstruction (eqs. 7-9) -------------------------------------------------------
+
+    def _reconstruction_loss(self, pooled, index, index_valid, input_ids, image_grid_thw, pixel_values):
+        """Mean over rows with a replay window of `mse(TokenSR(pool(B(t))), u_ref)` (eqs. 8-9).
+
+        The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the selected
+        tokens, cropped from `pixel_values` and resized back to the image's size; it is computed without gradient
+        (a self-distillation target).
+        """
+        layout = image_layout(input_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
+        windows = [
+            replay_window(layout, row, index[row], index_valid[row], self.config.recon_window)
+            for row in range(index.shape[0])
+        ]
+        rows = [row for row, window in enumerate(windows) if window is not None]
+        if not rows:
+            return (self.token_sr(pooled) * 0.0).sum()  # keeps TokenSR in the graph (DDP)
+        with torch.no_grad():
+            target = self._encode_crops([windows[row] for row in rows], pixel_values, image_grid_thw)
+        prediction = self.token_sr(pooled[rows])
+        return F.mse_loss(prediction.float(), target.float())
+
+    def _encode_crops(self, windows, pixel_values, image_grid_thw):
+        """Re-encode each window crop (resized to its image's size) and mean-pool: `(n_windows, hidden)`."""
+        vision = self.config.vision_config
+        offsets = torch.cat([image_grid_thw.new_zeros(1), image_grid_thw.prod(-1).cumsum(0)]).tolist()
+        crops, grids = [], []
+        for window in windows:
+            image, top, left, size = window["image"], window["row"], window["col"], window["size"]
+            grid = image_grid_thw[image]
+            frames = unpatchify(pixel_values[offsets[image] : offsets[image + 1]], grid, vision)
+            cell = vision.spatial_merge_size * vision.patch_size
+            crop = frames[..., top * cell : (top + size) * cell, left * cell : (left + size) * cell]
+            crop = F.interpolate(crop.float(), size=frames.shape[-2:], mode="bilinear", align_corners=False)
+            crops.append(patchify(crop.to(pixel_values.dtype), grid, vision))
+            grids.append(grid)
+        grid_thw = torch.stack(grids)
+        features = self.model.get_image_features(torch.cat(crops), grid_thw).pooler_output
+        return torch.stack([f.mean(dim=0) for f in features])
+
+    # ---- training forward -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        pixel_values=None,
+        pixel_values_videos=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        r"""Stock forward for sequences without `<|latent|>`; the latent multi-pass forward otherwise.
+
+        Args:
+            input_ids: `(batch, seq)`; latent sequences look like `prompt <|start-latent|>? <|latent|>*k
+                <|end-latent|>? rest`, the latent block at the same columns in every row (rows with fewer latents
+                pad the end of the block, attention 0), as built by `vedas_hf.data.VedasDataCollator`.
+            attention_mask: `(batch, seq)`.
+            pixel_values, image_grid_thw, mm_token_type_ids: processor outputs for the prompt's images.
+            labels: `(batch, seq)` with -100 on ignored positions.
+        Returns:
+            [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
+        """
+        latent_id = self.config.latent_token_id
+        if input_ids is None or latent_id is None or not bool((input_ids == latent_id).any()):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids, logits_to_keep=logits_to_keep, **kwargs,
+            )
+        for name, value in (("inputs_embeds", inputs_embeds), ("pixel_values_videos", pixel_values_videos)):
+            if value is not None:
+                raise ValueError(f"The latent forward does not support `{name}`; pass `input_ids` and images only.")
+        if self.training and self.model.language_model.gradient_checkpointing:
+            raise ValueError(
+                "Gradient checkpointing is not supported for the latent forward (the latent passes reuse the KV "
+                "cache); call model.gradient_checkpointing_disable()."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        start, end, step_active = latent_block(input_ids, attention_mask, latent_id)
+        weight = self.config.recon_loss_weight
+        phase = self._implicit_phase(
+            input_ids[:, :start], attention_mask[:, :start], pixel_values, image_grid_thw,
+            None if mm_token_type_ids is None else mm_token_type_ids[:, :start], step_active,
+            compute_recon=self.training and weight > 0,
+        )
+        hidden = [phase.prompt_hidden, phase.latent_hidden]
+        if end < input_ids.shape[1]:
+            full_mask = torch.cat([phase.attention_mask, attention_mask[:, end:].long()], dim=1)
+            positions = self._positions_after_prompt(full_mask, input_ids.shape[1] - end, phase.rope_deltas)
+            embeds = self.model.get_input_embeddings()(input_ids[:, end:])
+            hidden.append(self._language_pass(embeds, positions, full_mask, phase.cache))
+        logits = self.lm_head(torch.cat(hidden, dim=1))
+
+        ce_loss = recon_loss = loss = None
+        if phase.recon_losses:
+            recon_loss = torch.stack(phase.recon_losses).mean()
+        if labels is not None:
+            ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss = ce_loss if recon_loss is None else ce_loss + weight * recon_loss
+        return VedasCausalLMOutput(
+            loss=loss, logits=logits, ce_loss=ce_loss, recon_loss=recon_loss, latent_trace=phase.trace,
+        )
+
+    # ---- generation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        num_latent_steps=None,
+        generation_config=None,
+        **kwargs,
+    ):
+        r"""Latent reasoning, then the stock generation loop.
+
+        Runs the prompt prefill and `num_latent_steps` cached latent steps with visual replay, feeds
+        `<|end-latent|>`, then decodes with [`~GenerationMixin.generate`] (greedy, sampling, beam search, streamers,
+        stopping criteria all apply). `num_latent_steps=0` is plain decoding.
+
+        Args:
+            input_ids: `(batch, prompt_len)` left-padded prompt from the processor.
+            num_latent_steps: latent steps T (defaults to `config.num_latent_steps`).
+        Returns:
+            Like the stock `generate`: `(batch, prompt_len + new)` ids (prompt then answer), or a
+            `GenerateOutput` whose `latent_trace` lists, per step and row, the replayed visual-token indices and
+            the W x W window in pixels (`return_dict_in_generate=True`).
+        """
+        steps = self.config.num_latent_steps if num_latent_steps is None else num_latent_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
+        stock_inputs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+        )
+        if steps == 0:
+            return super().generate(generation_config=generation_config, **stock_inputs, **kwargs)
+        self._check_generate_inputs(input_ids, attention_mask, kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_ids, prompt_mask, prompt_types = self._with_start_marker(input_ids, attention_mask, mm_token_type_ids)
+        batch = input_ids.shape[0]
+        phase = self._implicit_phase(
+            prompt_ids, prompt_mask, pixel_values, image_grid_thw, prompt_types,
+            torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device),
+        )
+        placeholder = self.config.latent_token_id
+        placeholder = self.config.end_latent_token_id if placeholder is None else placeholder
+        end_column = torch.full((batch, 1), self.config.end_latent_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        extended_ids = torch.cat([prompt_ids, torch.full_like(phase.inserted, placeholder), end_column], dim=1)
+        extended_mask = torch.cat([phase.attention_mask, torch.ones_like(end_column)], dim=1)
+        self.model.rope_deltas = phase.rope_deltas
+        expand = self._generation_expand_size(generation_config, kwargs)
+        if expand > 1:
+            phase.cache.batch_repeat_interleave(expand)
+        out = super().generate(
+            input_ids=extended_ids, attention_mask=extended_mask, generation_config=generation_config,
+            **{CACHE_KWARG: phase.cache}, **kwargs,
+        )
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        sequences = torch.cat(
+            [input_ids.repeat_interleave(expand, dim=0), sequences[:, extended_ids.shape[1] :]], dim=1
+        )
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        out["latent_trace"] = self._public_trace(phase.trace, prompt_ids, image_grid_thw)
+        return out
+
+    def _check_generate_inputs(self, input_ids, attention_mask, kwargs):
+        if input_ids is None:
+            raise ValueError("Latent generation needs `input_ids` (processor output); got None.")
+        if self.config.end_latent_token_id is None:
+            raise ValueError(
+                "config.end_latent_token_id is None: latent generation needs the latent tokens; convert the "
+                "checkpoint with `python -m vedas_hf.convert`, or pass num_latent_steps=0."
+            )
+        for name in ("pixel_values_videos", "inputs_embeds"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"Latent generation does not support `{name}`; pass num_latent_steps=0.")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "The prompt batch is right-padded; latent generation needs left padding "
+                "(processor.tokenizer.padding_side = 'left')."
+            )
+
+    def _with_start_marker(self, input_ids, attention_mask, mm_token_type_ids):
+        """Append `<|start-latent|>` (when configured) to the prompt, its mask and its modality types."""
+        start = self.config.start_latent_token_id
+        if start is None:
+            return input_ids, attention_mask, mm_token_type_ids
+        column = torch.full((input_ids.shape[0], 1), start, dtype=input_ids.dtype, device=input_ids.device)
+        types = None
+        if mm_token_type_ids is not None:
+            types = torch.cat([mm_token_type_ids, torch.zeros_like(column, dtype=mm_token_type_ids.dtype)], dim=1)
+        return torch.cat([input_ids, column], dim=1), torch.cat([attention_mask, torch.ones_like(column)], dim=1), types
+
+    def _generation_expand_size(self, generation_config, kwargs) -> int:
+        """How many rows `generate` makes of each prompt (beams or returned sequences); the cache must match."""
+        config = generation_config if generation_config is not None else self.generation_config
+        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        return num_beams if num_beams > 1 else returned
+
+    def _public_trace(self, trace, prompt_ids, image_grid_thw):
+        """Per step, per row: `{"visual_indices", "image", "box"}` (box `(x0, y0, x1, y1)` in resized pixels)."""
+        if not trace:
+            return []
+        layout = image_layout(prompt_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
+        cell = self.config.vision_config.spatial_merge_size * self.config.vision_config.patch_size
+        steps = []
+        for step in trace:
+            rows = []
+            for row in range(step["index"].shape[0]):
+                indices = step["index"][row][step["valid"][row]].tolist()
+                window = replay_window(layout, row, step["index"][row], step["valid"][row], self.config.recon_window,
+                                       clamp=True)
+                box = None
+                if window is not None:
+                    top, left, size = window["row"] * cell, window["col"] * cell, window["size"] * cell
+                    box = (left, top, left + size, top + size)
+                rows.append({
+                    "visual_indices": indices,
+                    "image": None if window is None else window["image_in_row"],
+                    "box": box,
+                })
+            steps.append(rows)
+        return steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers: latent block, visual layout, window search, (un)patchify
+# --------------------------------------------------------------------------------------------------------------
+
+
+def latent_block(input_ids, attention_mask, latent_id):
+    """Locate the latent block: columns `[start, end)` and `(batch, end - start)` bool of active latent steps.
+
+    Raises `ValueError` unless the latent tokens form one block of columns shared by all rows, each row holding
+    latents at the start of the block and padding (attention 0) after them.
+    """
+    is_latent = input_ids == latent_id
+    columns = is_latent.any(dim=0).nonzero().flatten().tolist()
+    start, end = columns[0], columns[-1] + 1
+    block = is_latent[:, start:end]
+    padding = attention_mask[:, start:end] == 0
+    decreasing = (block.int().diff(dim=1) <= 0).all() if end - start > 1 else True
+    if not bool((block | padding).all()) or not bool(decreasing) or not bool(block[:, 0].any()):
+        raise ValueError(
+            f"The <|latent|> tokens (id {latent_id}) must form one block of columns [{start}, {end}) shared by "
+            "every row, latents first and padding after them; build batches with vedas_hf.data.VedasDataCollator."
+        )
+    if start == 0:
+        raise ValueError("The sequence starts with <|latent|>; latent steps need a prompt before them.")
+    return start, end, block
+
+
+def _visual_positions(visual_mask):
+    """Columns of the visual tokens of each row: `(batch, Nv)` long and `(batch, Nv)` bool valid."""
+    counts = visual_mask.sum(dim=1)
+    width = int(counts.max()) if visual_mask.numel() else 0
+    order = torch.sort((~visual_mask).int(), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=visual_mask.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def image_layout(visual_mask, image_grid_thw, vision_config):
+    """Assign images to rows: list per row of `(global image index, first visual index, merged h, merged w)`.
+
+    Images belong to rows in order (as the processor emits them); each image holds `t * h * w / merge**2`
+    placeholder tokens. Raises `ValueError` when the counts do not match.
+    """
+    if image_grid_thw is None:
+        return [[] for _ in range(visual_mask.shape[0])]
+    merge = vision_config.spatial_merge_size
+    grids = image_grid_thw.tolist()
+    counts = visual_mask.sum(dim=1).tolist()
+    layout, image = [], 0
+    for row, count in enumerate(counts):
+        row_images, first = [], 0
+        while first < count:
+            if image >= len(grids):
+                raise ValueError(
+                    f"Row {row} has {count} image tokens but image_grid_thw only describes {len(grids)} images."
+                )
+            t, h, w = grids[image]
+            row_images.append((image, first, h // merge, w // merge))
+            first += t * h * w // merge**2
+            image += 1
+        if first != count:
+            raise ValueError(f"Row {row}: {count} image tokens do not match the image grids (expected {first}).")
+        layout.append(row_images)
+    return layout
+
+
+def densest_window(counts: torch.Tensor, size: int):
+    """Top-left `(row, col)` of the `size x size` window with the most selections in `counts` `(h, w)` (eq. 7).
+
+    Ties go to the first window in row-major order.
+    """
+    h, w = counts.shape
+    if size > h or size > w:
+        raise ValueError(
+            f"recon_window={size} is larger than the image's merged grid {h}x{w}; lower recon_window or use "
+            "larger images."
+        )
+    integral = F.pad(counts.float().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    flat = int(sums.flatten().argmax())
+    return flat // sums.shape[1], flat % sums.shape[1]
+
+
+def replay_window(layout, row, index, valid, size, clamp=False):
+    """The W x W window of a row's selected visual tokens, on the image holding most of them.
+
+    Args:
+        index: `(K,)` selected visual-token indices of the row; valid `(K,)` bool.
+        clamp: shrink the window to the grid instead of raising (for traces).
+    Returns:
+        `{"image", "image_in_row", "row", "col", "size"}` on the merged grid, or `None` without a selection.
+    """
+    selected = index[valid].tolist()
+    if not selected or not layout[row]:
+        return None
+    hits = [sum(first <= i < first + h * w for i in selected) for _, first, h, w in layout[row]]
+    best = max(range(len(hits)), key=hits.__getitem__)
+    image, first, h, w = layout[row][best]
+    counts = torch.zeros(h, w)
+    for i in selected:
+        if first <= i < first + h * w:
+            local = i - first
+            counts[local // w, local % w] += 1
+    size = min(size, h, w) if clamp else size
+    top, left = densest_window(counts, size)
+    return {"image": image, "image_in_row": best, "row": top, "col": left, "size": size}
+
+
+def _patch_shape(grid, vision_config):
+    t, h, w = (int(v) for v in grid)
+    merge, patch = vision_config.spatial_merge_size, vision_config.patch_size
+    return (t, h // merge, w // merge, merge, merge, vision_config.in_channels,
+            vision_config.temporal_patch_size, patch, patch)
+
+
+def unpatchify(rows: torch.Tensor, grid, vision_config) -> torch.Tensor:
+    """Qwen2-VL patch rows `(t*h*w, C*Tp*P*P)` of one image -> frames `(t*Tp, C, h*P, w*P)`."""
+    t, hm, wm, m, _, c, tp, p, _ = _patch_shape(grid, vision_config)
+    x = rows.reshape(t, hm, wm, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+    return x.reshape(t * tp, c, hm * m * p, wm * m * p)
+
+
+def patchify(frames: torch.Tensor, grid, vision_config) -> torch.Tensor:
+    """Inverse of [`unpatchify`]: frames `(t*Tp, C, h*P, w*P)` -> rows `(t*h*w, C*Tp*P*P)`."""
+    t, hm, wm, m, _, c, tp, p, _ = _patch_shape(grid, vision_config)
+    x = frames.reshape(t, tp, c, hm, m, p, wm, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * hm * m * wm * m, c * tp * p * p)
+
+
+# Stock checkpoints store the legacy key layout (`model.layers.*`, `visual.*`); reuse Qwen2-VL's conversion for our
+# class names so `from_pretrained(<stock checkpoint>)` loads every stock weight.
+for _ours, _stock in (
+    ("VedasQwen2VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
+    ("VedasQwen2VLModel", "Qwen2VLModel"),
+):
+    _mapping = get_checkpoint_conversion_mapping(_stock)
+    if _mapping is not None:
+        register_checkpoint_conversion_mapping(_ours, _mapping, overwrite=True)
+
+
+__all__ = [
+    "VedasQwen2VLForConditionalGeneration",
+    "VedasQwen2VLModel",
+    "VedasQwen2VLTextModel",
+    "VedasQwen2VLDecoderLayer",
+    "VedasRouter",
+    "VedasRouterCache",
+    "TokenSR",
+    "VedasCausalLMOutput",
+    "densest_window",
+    "image_layout",
+    "latent_block",
+    "patchify",
+    "select_top_alpha",
+    "unpatchify",
+]

@@ -1,0 +1,182 @@
+"""Convert a stock Qwen2-VL checkpoint folder into a Hub-ready Vedas folder.
+
+    python -m vedas_hf.convert SRC DST [--overwrite] [--set num_latent_steps=4 --set router_layers=odd ...]
+
+The result holds the Vedas config (with `auto_map`), safetensors weights (stock weights unchanged, new router /
+gate / TokenSR modules initialised, gates at zero), the modeling code files, the processor with the three latent
+tokens added, and a model card. It loads with
+`AutoModelForImageTextToText.from_pretrained(DST, trust_remote_code=True)` and, before any training, gives the
+stock model's outputs.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor
+
+from . import VedasQwen2VLConfig, VedasQwen2VLForConditionalGeneration
+
+
+LATENT_TOKENS = {
+    "start_latent_token_id": "<|start-latent|>",
+    "latent_token_id": "<|latent|>",
+    "end_latent_token_id": "<|end-latent|>",
+}
+SUPPORTED_BACKBONES = ("qwen2_vl",)
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool):
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json; pass a stock Qwen2-VL checkpoint folder.")
+    if not any(src.glob("*.safetensors")):
+        raise ValueError(f"{src} has no *.safetensors weights; only safetensors checkpoints are converted.")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ValueError(f"Target folder {dst} is not empty; choose an empty folder or pass overwrite=True (--overwrite).")
+
+
+def _stock_config_kwargs(src: Path) -> dict:
+    config = AutoConfig.from_pretrained(src)
+    if config.model_type not in SUPPORTED_BACKBONES:
+        raise ValueError(
+            f"Unknown backbone model_type={config.model_type!r} in {src}; supported: {SUPPORTED_BACKBONES}."
+        )
+    kwargs = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def add_latent_tokens(tokenizer, vocab_size: int) -> dict:
+    """Add the three latent tokens (special, never split) and return their ids by config field name.
+
+    Raises `ValueError` when the tokenizer is larger than the model's vocabulary (a mismatched tokenizer).
+    """
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the checkpoint's vocab_size is {vocab_size}; the "
+            "tokenizer does not belong to this checkpoint."
+        )
+    missing = [token for token in LATENT_TOKENS.values() if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in LATENT_TOKENS.items()}
+
+
+def _init_latent_rows(model, token_ids: list[int], source_id: int):
+    """Copy the embedding (and untied LM-head) row of `source_id` into the rows of `token_ids`."""
+    with torch.no_grad():
+        for matrix in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            matrix[token_ids] = matrix[source_id].clone()
+
+
+def convert_checkpoint(
+    src,
+    dst,
+    *,
+    overwrite: bool = False,
+    init_token: str | None = None,
+    dtype: torch.dtype | None = None,
+    **config_overrides,
+) -> str:
+    """Convert the stock Qwen2-VL checkpoint `src` into a Vedas checkpoint written to `dst`.
+
+    Args:
+        src: stock checkpoint folder (config.json, safetensors, processor/tokenizer files).
+        dst: target folder; must be empty unless `overwrite`.
+        init_token: token whose embedding initialises the latent tokens (default: the tokenizer's eos token).
+        dtype: load/save dtype (default: the checkpoint's).
+        config_overrides: Vedas config fields, e.g. `num_latent_steps=4, router_layers="odd"`.
+    Returns:
+        `dst` as a string.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst, overwrite)
+    stock_kwargs = _stock_config_kwargs(src)
+    processor = AutoProcessor.from_pretrained(src)
+    tokenizer = processor.tokenizer
+    vocab_size = stock_kwargs["text_config"]["vocab_size"]
+    existing = set(tokenizer.get_vocab())
+    token_ids = add_latent_tokens(tokenizer, vocab_size)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"Adding the latent tokens grows the tokenizer to {len(tokenizer)} > vocab_size {vocab_size}; "
+            "resize the checkpoint's embeddings first."
+        )
+    config = VedasQwen2VLConfig(**{**stock_kwargs, **token_ids, **config_overrides})
+    model = VedasQwen2VLForConditionalGeneration.from_pretrained(src, config=config, dtype=dtype)
+    new_ids = [token_ids[f] for f, t in LATENT_TOKENS.items() if t not in existing]
+    if new_ids:
+        init_token = init_token or tokenizer.eos_token
+        source_id = tokenizer.convert_tokens_to_ids(init_token)
+        if source_id is None or source_id == tokenizer.unk_token_id:
+            raise ValueError(f"init_token={init_token!r} is not in the tokenizer.")
+        _init_latent_rows(model, new_ids, source_id)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    processor.save_pretrained(dst)
+    (dst / "README.md").write_text(model_card(src.name, config))
+    return str(dst)
+
+
+def model_card(base_name: str, config: VedasQwen2VLConfig) -> str:
+    """A short model card with the usage snippet."""
+    settings = {k: getattr(config, k) for k in ("num_latent_steps", "replay_mode", "replay_top_k", "router_layers",
+                                                   "router_top_k", "router_depth", "recon_window")}
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [vedas, latent-reasoning, qwen2-vl]
+---
+# Vedas latent reasoning on {base_name}
+
+Converted with `python -m vedas_hf.convert` from a stock Qwen2-VL checkpoint: Routing Depth Scaling routers (gates
+at zero, so the untrained model equals the stock one), visual replay, and the latent tokens
+`<|start-latent|>`, `<|latent|>`, `<|end-latent|>`. Settings: `{json.dumps(settings)}`.
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+repo = "<this repo>"
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, revision="<pinned commit>")
+processor = AutoProcessor.from_pretrained(repo, revision="<pinned commit>")
+processor.tokenizer.padding_side = "left"
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64, num_latent_steps={config.num_latent_steps})
+print(processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="stock Qwen2-VL checkpoint folder")
+    parser.add_argument("dst", help="target folder (must be empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty target folder")
+    parser.add_argument("--init-token", default=None, help="token whose embedding initialises the latent tokens")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Vedas config field, value parsed as JSON when possible (repeatable)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item!r} must look like FIELD=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key] = _parse_value(value)
+    out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, init_token=args.init_token, **overrides)
+    print(f"Wrote Vedas checkpoint to {os.path.abspath(out)}")
+
+
+if __name__ == "__main__":
+    main()

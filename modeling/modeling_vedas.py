@@ -414,6 +414,16 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         self.token_sr = TokenSR(text.hidden_size, config.token_sr)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Stock `save_pretrained`; when the class is registered for auto classes, `auto_map` also maps `AutoModel`
+        to [`VedasQwen2VLModel`] (the file holding both classes is copied once)."""
+        if getattr(self, "_auto_class", None) is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{module}.{VedasQwen2VLModel.__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # ---- embeddings and positions -----------------------------------------------------------------------------
 
     def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
@@ -742,13 +752,14 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             **{CACHE_KWARG: phase.cache}, **kwargs,
         )
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        rows_per_prompt = sequences.shape[0] // batch  # beams are expanded, returned sequences may be fewer
         sequences = torch.cat(
-            [input_ids.repeat_interleave(expand, dim=0), sequences[:, extended_ids.shape[1] :]], dim=1
+            [input_ids.repeat_interleave(rows_per_prompt, dim=0), sequences[:, extended_ids.shape[1] :]], dim=1
         )
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences
-        out["latent_trace"] = self._public_trace(phase.trace, prompt_ids, image_grid_thw)
+        out["latent_trace"] = self._public_trace(phase.trace, steps, prompt_ids, image_grid_thw)
         return out
 
     def _check_generate_inputs(self, input_ids, attention_mask, kwargs):
@@ -786,10 +797,12 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
         return num_beams if num_beams > 1 else returned
 
-    def _public_trace(self, trace, prompt_ids, image_grid_thw):
-        """Per step, per row: `{"visual_indices", "image", "box"}` (box `(x0, y0, x1, y1)` in resized pixels)."""
+    def _public_trace(self, trace, steps, prompt_ids, image_grid_thw):
+        """Per step, per row: `{"visual_indices", "image", "box"}` (box `(x0, y0, x1, y1)` in resized pixels;
+        empty indices and `None` when nothing was replayed)."""
         if not trace:
-            return []
+            empty = {"visual_indices": [], "image": None, "box": None}
+            return [[dict(empty) for _ in range(prompt_ids.shape[0])] for _ in range(steps)]
         layout = image_layout(prompt_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
         cell = self.config.vision_config.spatial_merge_size * self.config.vision_config.patch_size
         steps = []

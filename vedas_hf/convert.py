@@ -38,11 +38,10 @@ def _check_paths(src: Path, dst: Path, overwrite: bool):
 
 
 def _stock_config_kwargs(src: Path) -> dict:
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_BACKBONES:
+        raise ValueError(f"Unknown backbone model_type={model_type!r} in {src}; supported: {SUPPORTED_BACKBONES}.")
     config = AutoConfig.from_pretrained(src)
-    if config.model_type not in SUPPORTED_BACKBONES:
-        raise ValueError(
-            f"Unknown backbone model_type={config.model_type!r} in {src}; supported: {SUPPORTED_BACKBONES}."
-        )
     kwargs = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         kwargs.pop(key, None)
@@ -66,10 +65,14 @@ def add_latent_tokens(tokenizer, vocab_size: int) -> dict:
 
 
 def _init_latent_rows(model, token_ids: list[int], source_id: int):
-    """Copy the embedding (and untied LM-head) row of `source_id` into the rows of `token_ids`."""
+    """Copy the input-embedding row of `source_id` into the rows of `token_ids`.
+
+    The LM-head rows are left as they are: the latent tokens are never predicted (their labels are masked), and
+    keeping them makes the converted model's logits equal the stock model's over the whole vocabulary.
+    """
     with torch.no_grad():
-        for matrix in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
-            matrix[token_ids] = matrix[source_id].clone()
+        embeddings = model.get_input_embeddings().weight
+        embeddings[token_ids] = embeddings[source_id].clone()
 
 
 def convert_checkpoint(

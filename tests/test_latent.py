@@ -1,0 +1,287 @@
+"""Latent reasoning: cached vs uncached, train/inference consistency, batching, replay modes, window search,
+crop round trip, gradients and the reconstruction loss."""
+
+import itertools
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from conftest import make_batch, split_batch
+from test_modeling import latent_sequence, randomize_gates
+from vedas_hf import VedasQwen2VLForConditionalGeneration
+from vedas_hf.modeling.modeling_vedas import (
+    VedasRouterCache,
+    _visual_positions,
+    densest_window,
+    image_layout,
+    patchify,
+    replay_window,
+    unpatchify,
+)
+
+
+def load(vedas_dir, **overrides):
+    model = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir, **overrides).eval()
+    randomize_gates(model)
+    return model
+
+
+def uncached_first_answer_logits(model, batch, steps):
+    """Reference: every latent step re-runs the *whole* sequence from scratch (fresh KV cache and router cache,
+    all chunks routed in one call), then the end marker; returns the logits after the end marker."""
+    config = model.config
+    start = torch.full((batch["input_ids"].shape[0], 1), config.start_latent_token_id)
+    ids = torch.cat([batch["input_ids"], start], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(start)], dim=1).long()
+    types = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(start)], dim=1)
+    prompt_embeds = model._prompt_embeddings(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    prompt_positions, deltas = model._prompt_positions(ids, mask, batch.get("image_grid_thw"), types)
+    visual_pos, visual_valid = _visual_positions(ids == config.image_token_id)
+    visited = torch.zeros_like(visual_valid)
+    top_k = min(config.replay_top_k, visual_pos.shape[1])
+    embeds, full_mask, chunks, eligible = prompt_embeds, mask, [(0, ids.shape[1])], mask.bool()
+    active = torch.ones(ids.shape[0], dtype=torch.bool)
+
+    def full_pass(embeds, full_mask, chunks, eligible):
+        positions = torch.cat(
+            [prompt_positions, model._positions_after_prompt(full_mask, embeds.shape[1] - ids.shape[1], deltas)], dim=2
+        ) if embeds.shape[1] > ids.shape[1] else prompt_positions
+        return model._routed_pass(embeds, positions, full_mask, DynamicCache(config=config.text_config),
+                                  VedasRouterCache(), eligible, chunks, 0)
+
+    hidden, saliency = full_pass(embeds, full_mask, chunks, eligible)
+    for _ in range(steps):
+        tokens, tokens_valid, index, index_valid, _ = model._replay_tokens(
+            saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
+        )
+        visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
+        chunk = torch.cat([tokens, hidden[:, -1:]], dim=1)
+        chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
+        chunks = chunks + [(embeds.shape[1], embeds.shape[1] + chunk.shape[1])]
+        embeds = torch.cat([embeds, chunk], dim=1)
+        full_mask = torch.cat([full_mask, chunk_valid.long()], dim=1)
+        eligible = torch.cat([eligible, chunk_valid], dim=1)
+        hidden, saliency = full_pass(embeds, full_mask, chunks, eligible)
+    end = model.get_input_embeddings()(torch.full_like(start, config.end_latent_token_id))
+    embeds = torch.cat([embeds, end], dim=1)
+    full_mask = torch.cat([full_mask, torch.ones_like(start)], dim=1)
+    eligible = torch.cat([eligible, torch.zeros_like(start, dtype=torch.bool)], dim=1)
+    hidden, _ = full_pass(embeds, full_mask, chunks, eligible)
+    return model.lm_head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("mode", ["patches", "soft_mix"])
+def test_cached_latent_generate_equals_uncached_recomputation(vedas_dir, processor, images, mode):
+    model = load(vedas_dir, replay_mode=mode)
+    batch = make_batch(processor, ["Count the shapes", "Top left colour?"], [[images[0]], [images[1]]])
+    out = model.generate(**batch, num_latent_steps=3, max_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        reference = uncached_first_answer_logits(model, batch, steps=3)
+    assert (out.logits[0] - reference).abs().max().item() < 1e-4
+
+
+def test_teacher_forcing_reproduces_generate_logits(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["What is a + b?", "Shape?"], [[images[2]], [images[3]]])
+    out = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    prompt_len = batch["input_ids"].shape[1]
+    answer = out.sequences[:, prompt_len:]
+    seq = latent_sequence(processor, batch, model.config, 2, [])
+    seq["input_ids"] = torch.cat([seq["input_ids"], answer], dim=1)
+    seq["attention_mask"] = torch.cat([seq["attention_mask"], torch.ones_like(answer)], dim=1)
+    seq["mm_token_type_ids"] = torch.cat([seq["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+    with torch.no_grad():
+        logits = model(**seq).logits
+    first = prompt_len + 1 + 2  # the end marker's position: its logits predict the first answer token
+    for i, step_logits in enumerate(out.logits):
+        assert (logits[:, first + i] - step_logits).abs().max().item() < 1e-4, i
+
+
+def test_mixed_batch_equals_one_by_one(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    questions = ["Which digit is the largest one here?", "Colour?", "Say hi without any image"]
+    row_images = [[images[0], images[2]], [images[1]], None]
+    batch = make_batch(processor, questions, row_images)
+    kwargs = dict(num_latent_steps=3, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    together = model.generate(**batch, **kwargs)
+    prompt_len = batch["input_ids"].shape[1]
+    for row in range(len(questions)):
+        single = split_batch(batch, row, model.config.image_token_id)
+        alone = model.generate(**single, **kwargs)
+        assert torch.equal(alone.sequences[0, single["input_ids"].shape[1] :], together.sequences[row, prompt_len:])
+        for step in range(len(alone.logits)):
+            assert (alone.logits[step][0] - together.logits[step][row]).abs().max().item() < 1e-4
+        assert alone.latent_trace[0][0]["visual_indices"] == together.latent_trace[0][row]["visual_indices"]
+
+
+def test_generate_output_layout_is_prompt_then_answer(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Is it blue or red?"], [[images[0]], [images[1]]])
+    out = model.generate(**batch, num_latent_steps=2, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+def test_beam_search_and_sampling_run_after_latents(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[1]]])
+    beams = model.generate(**batch, num_latent_steps=2, max_new_tokens=3, num_beams=3, num_return_sequences=2,
+                           do_sample=False)
+    assert beams.shape[0] == 4 and torch.equal(beams[0, : batch["input_ids"].shape[1]], batch["input_ids"][0])
+    torch.manual_seed(0)
+    sampled_a = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=True, top_k=5)
+    torch.manual_seed(0)
+    sampled_b = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=True, top_k=5)
+    assert torch.equal(sampled_a, sampled_b)
+
+
+@pytest.mark.parametrize("mode, inserted_per_step", [("patches", 3 + 1), ("soft_mix", 1 + 1), ("none", 1)])
+def test_replay_modes_insert_the_right_tokens(vedas_dir, processor, images, mode, inserted_per_step):
+    model = load(vedas_dir, replay_mode=mode)
+    batch = make_batch(processor, ["Shape?"], [[images[3]]])
+    with torch.no_grad():
+        phase = model._implicit_phase(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+            batch["mm_token_type_ids"], torch.ones(1, 2, dtype=torch.bool),
+        )
+    assert phase.inserted.shape[1] == 2 * inserted_per_step
+    assert len(phase.trace) == (0 if mode == "none" else 2)
+
+
+def test_visited_tokens_are_never_reselected_and_large_k_degrades_gracefully(vedas_dir, processor, images):
+    model = load(vedas_dir, replay_top_k=6)
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[2]]])
+    visual_counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    out = model.generate(**batch, num_latent_steps=4, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    for row, count in enumerate(visual_counts):
+        per_step = [step[row]["visual_indices"] for step in out.latent_trace]
+        flat = list(itertools.chain.from_iterable(per_step))
+        assert len(flat) == len(set(flat)), per_step
+        assert len(flat) == min(count, 6 * 4)
+        assert [len(s) for s in per_step] == [max(0, min(6, count - 6 * t)) for t in range(4)]
+        assert all(0 <= i < count for i in flat)
+
+
+# ---- window search and crops ---------------------------------------------------------------------------------------
+
+
+def brute_force_window(counts, size):
+    h, w = counts.shape
+    best, where = -1, None
+    for r in range(h - size + 1):
+        for c in range(w - size + 1):
+            total = counts[r : r + size, c : c + size].sum().item()
+            if total > best:
+                best, where = total, (r, c)
+    return where
+
+
+def test_densest_window_matches_brute_force_on_random_non_square_grids():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        h, w = torch.randint(1, 9, (2,), generator=generator).tolist()
+        size = int(torch.randint(1, min(h, w) + 1, (1,), generator=generator))
+        counts = (torch.rand(h, w, generator=generator) < 0.3).float()
+        assert densest_window(counts, size) == brute_force_window(counts, size), (h, w, size)
+
+
+def test_densest_window_rejects_window_larger_than_grid():
+    with pytest.raises(ValueError, match="recon_window=4"):
+        densest_window(torch.zeros(3, 5), 4)
+
+
+def test_unpatchify_round_trip_and_full_window_crop(processor, images, vedas_dir):
+    model = load(vedas_dir)
+    vision = model.config.vision_config
+    batch = make_batch(processor, ["a", "b"], [[images[1]], [images[2]]])
+    grids = batch["image_grid_thw"]
+    offsets = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
+    for image, grid in enumerate(grids):
+        rows = batch["pixel_values"][offsets[image] : offsets[image + 1]]
+        frames = unpatchify(rows, grid, vision)
+        assert frames.shape[-2:] == (grid[1] * vision.patch_size, grid[2] * vision.patch_size)
+        assert torch.equal(patchify(frames, grid, vision), rows)
+        # the processor repeats a still image over the temporal patch
+        assert torch.equal(frames[0], frames[1])
+
+
+def test_replay_window_picks_the_image_with_most_selections(processor, images, vedas_dir):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["two images"], [[images[0], images[2]]])
+    layout = image_layout(batch["input_ids"] == model.config.image_token_id, batch["image_grid_thw"], model.config.vision_config)
+    (_, first0, h0, w0), (_, first1, h1, w1) = layout[0]
+    assert first1 == h0 * w0
+    index = torch.tensor([0, first1 + 0, first1 + 1, first1 + w1])
+    window = replay_window(layout, 0, index, torch.ones(4, dtype=torch.bool), 2)
+    assert window["image_in_row"] == 1 and (window["row"], window["col"]) == (0, 0)
+
+
+# ---- training path -------------------------------------------------------------------------------------------------
+
+
+def training_batch(processor, model, images):
+    batch = make_batch(processor, ["Shape?", "Colour of the big one?"], [[images[0]], [images[1]]])
+    seq = latent_sequence(processor, batch, model.config, 2, [40, 41, 42])
+    labels = seq["input_ids"].clone()
+    labels[:, : -3] = -100
+    return seq, labels
+
+
+def test_backward_reaches_routers_token_sr_and_llm(vedas_dir, processor, images):
+    model = load(vedas_dir).train()
+    seq, labels = training_batch(processor, model, images)
+    out = model(**seq, labels=labels)
+    assert out.recon_loss is not None and out.recon_loss > 0
+    assert torch.allclose(out.loss, out.ce_loss + model.config.recon_loss_weight * out.recon_loss)
+    out.loss.backward()
+    routers = [l.router for l in model.model.language_model.layers if l.router is not None]
+    assert all(r.gate.grad is not None and r.gate.grad.abs().sum() > 0 for r in routers)
+    assert all(r.score.weight.grad is not None and r.score.weight.grad.abs().sum() > 0 for r in routers)
+    assert model.token_sr.net.weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_recon_loss_zero_weight_and_absent_at_inference(vedas_dir, processor, images):
+    model = load(vedas_dir, recon_loss_weight=0.0).train()
+    seq, labels = training_batch(processor, model, images)
+    out = model(**seq, labels=labels)
+    assert out.recon_loss is None and torch.equal(out.loss, out.ce_loss)
+    model = load(vedas_dir).eval()
+    with torch.no_grad():
+        out = model(**seq, labels=labels)
+    assert out.recon_loss is None and torch.equal(out.loss, out.ce_loss)
+
+
+def test_ragged_latent_counts_match_single_rows(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    config = model.config
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[1]]])
+    rows = []
+    for row, k in enumerate([2, 1]):
+        single = split_batch(batch, row, config.image_token_id)
+        seq = latent_sequence(processor, single, config, k, [40, 41])
+        with torch.no_grad():
+            rows.append(model(**seq).logits[0, -2:])
+    # batch: row 1 pads the end of the latent block
+    seq = latent_sequence(processor, batch, config, 2, [40, 41])
+    block_end = batch["input_ids"].shape[1] + 1 + 2
+    seq["input_ids"][1, block_end - 1] = processor.tokenizer.pad_token_id
+    seq["attention_mask"][1, block_end - 1] = 0
+    with torch.no_grad():
+        logits = model(**seq).logits
+    assert (logits[0, -2:] - rows[0]).abs().max() < 1e-4
+    assert (logits[1, -2:] - rows[1]).abs().max() < 1e-4
+
+
+def test_misaligned_latents_are_a_clear_error(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[1]]])
+    seq = latent_sequence(processor, batch, model.config, 2, [40, 41])
+    seq["input_ids"][1, -1] = model.config.latent_token_id
+    with pytest.raises(ValueError, match="one block of columns"):
+        model(**seq)

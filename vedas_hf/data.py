@@ -1,0 +1,288 @@
+"""Chain-of-thought records, dataset adapters, curriculum stages and the batch collator.
+
+Canonical record (a dict): `image` (PIL image, path, or None) or `images` (list), `question`, `steps` (list of str) or
+`rationale` (str, split on blank lines into at most `max_steps` steps, paper fig. 3), `answer`.
+
+Stage k of the curriculum replaces the first k steps with k `<|latent|>` tokens between `<|start-latent|>` and
+`<|end-latent|>`; labels cover the remaining steps, the answer and the end of turn only.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
+END_OF_TURN = "<|im_end|>"
+IGNORE_INDEX = -100
+DATA_MODES = ("latent", "cot", "no_cot")
+
+
+# ---- records -------------------------------------------------------------------------------------------------
+
+
+def split_rationale(text: str, max_steps: int) -> list[str]:
+    """Split on blank lines; when there are more than `max_steps` pieces, merge neighbours into `max_steps` steps
+    of roughly equal length (in characters)."""
+    pieces = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if len(pieces) <= max_steps:
+        return pieces
+    total = sum(len(p) for p in pieces)
+    steps, current, consumed = [], [], 0
+    for i, piece in enumerate(pieces):
+        current.append(piece)
+        consumed += len(piece)
+        remaining_pieces, remaining_steps = len(pieces) - i - 1, max_steps - len(steps) - 1
+        boundary = consumed >= total * (len(steps) + 1) / max_steps
+        if remaining_steps > 0 and (boundary or remaining_pieces == remaining_steps):
+            steps.append("\n".join(current))
+            current = []
+    steps.append("\n".join(current))
+    return steps
+
+
+def _load_image(image, index: int, base_dir: Path | None):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Record {index}: cannot read image {str(path)!r} ({error}).") from error
+    raise ValueError(f"Record {index}: field 'image' must be a PIL image or a path, got {type(image).__name__}.")
+
+
+def _text_field(record: dict, name: str, index: int) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"Record {index}: field {name!r} must be a non-empty string, got {value!r}.")
+    return value.strip()
+
+
+def normalize_record(record: dict, index: int, max_steps: int = 4, base_dir: Path | None = None) -> dict:
+    """Validate a canonical record; returns `{"images": [RGB PIL], "question", "steps", "answer"}`.
+
+    Raises `ValueError` naming the record index and the field for missing/empty fields and unreadable images.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"Record {index} must be a dict, got {type(record).__name__}.")
+    steps = record.get("steps")
+    question = _text_field(record, "question", index)
+    answer = record.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    answer = _text_field({"answer": answer}, "answer", index)
+    if steps is None:
+        rationale = record.get("rationale")
+        if not isinstance(rationale, str) or not rationale.strip():
+            raise ValueError(f"Record {index}: needs 'steps' (list) or a non-empty 'rationale', got {rationale!r}.")
+        steps = split_rationale(rationale, max_steps)
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise ValueError(f"Record {index}: field 'steps' must be a non-empty list of non-empty strings, got {steps!r}.")
+    raw_images = record.get("images")
+    if raw_images is None:
+        raw_images = [] if record.get("image") is None else [record["image"]]
+    if not isinstance(raw_images, (list, tuple)):
+        raise ValueError(f"Record {index}: field 'images' must be a list, got {type(raw_images).__name__}.")
+    images = [_load_image(image, index, base_dir) for image in raw_images]
+    return {"images": images, "question": question, "steps": [s.strip() for s in steps], "answer": answer}
+
+
+def _lettered(record: dict, index: int, answer) -> tuple[str, str]:
+    choices = record.get("choices")
+    if not isinstance(choices, (list, tuple)) or not choices:
+        raise ValueError(f"Record {index}: field 'choices' must be a non-empty list, got {choices!r}.")
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    options = " ".join(f"({letter}) {choice}" for letter, choice in zip(letters, choices))
+    question = f"{_text_field(record, 'question', index)}\nOptions: {options}"
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return question, letters[answer]
+    if isinstance(answer, str) and answer.strip().strip("()").upper() in letters:
+        return question, answer.strip().strip("()").upper()
+    if isinstance(answer, str) and answer in choices:
+        return question, letters[list(choices).index(answer)]
+    raise ValueError(f"Record {index}: answer {answer!r} is not among the {len(choices)} choices {letters}.")
+
+
+def from_m3cot(record: dict, index: int) -> dict:
+    """M3CoT schema (`question`, `choices`, `answer` letter, `rationale`, `image`) -> canonical record."""
+    question, answer = _lettered(record, index, record.get("answer"))
+    return {"image": record.get("image"), "question": question, "rationale": record.get("rationale"), "answer": answer}
+
+
+def from_scienceqa(record: dict, index: int) -> dict:
+    """ScienceQA schema (`question`, `choices`, `answer` index, `solution`/`lecture`, `image`) -> canonical."""
+    question, answer = _lettered(record, index, record.get("answer"))
+    rationale = record.get("solution") or record.get("lecture")
+    return {"image": record.get("image"), "question": question, "rationale": rationale, "answer": answer}
+
+
+def load_records(source, adapter=None) -> list[dict]:
+    """Records from a `.json` / `.jsonl` path, a list of dicts or a `datasets.Dataset`; `adapter(record, index)`
+    maps each to the canonical schema. Relative image paths are resolved against the file's folder."""
+    base_dir = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"Dataset file {str(path)!r} does not exist.")
+        base_dir = path.parent
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            source = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            source = json.loads(text)
+    records = [adapter(dict(r), i) if adapter else dict(r) for i, r in enumerate(source)]
+    if base_dir is not None:
+        for record in records:
+            for key in ("image",):
+                if isinstance(record.get(key), str) and not Path(record[key]).is_absolute():
+                    record[key] = str(base_dir / record[key])
+            if isinstance(record.get("images"), list):
+                record["images"] = [
+                    str(base_dir / i) if isinstance(i, str) and not Path(i).is_absolute() else i
+                    for i in record["images"]
+                ]
+    return records
+
+
+# ---- curriculum stages ---------------------------------------------------------------------------------------
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The user turn of a normalised record: one image entry per image, then the question."""
+    content = [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": record["question"]}]
+    return [{"role": "user", "content": content}]
+
+
+def _token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer has no {token!r} token; run `python -m vedas_hf.convert` to add it.")
+    return token_id
+
+
+def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
+    """`(steps replaced, latents)` at `stage` for a record with `num_steps` steps."""
+    stage = min(stage, max_latent_stage)
+    replaced = min(stage, num_steps)
+    return replaced, (stage if pad_latent_to_max else replaced)
+
+
+def build_stage_example(
+    record: dict,
+    stage: int,
+    *,
+    processor,
+    max_latent_stage: int = 4,
+    pad_latent_to_max: bool = True,
+    use_latent_markers: bool = True,
+    answer_prefix: str = "Answer: ",
+    mode: str = "latent",
+) -> dict:
+    """Tokenise a normalised record at a curriculum stage.
+
+    Returns `input_ids`, `labels`, `mm_token_type_ids` (lists), `pixel_values` `(patches, dim)` and `image_grid_thw`
+    `(images, 3)` tensors (absent without images), and `num_latents`.
+    """
+    if mode not in DATA_MODES:
+        raise ValueError(f"mode={mode!r}; use one of {DATA_MODES}.")
+    tokenizer = processor.tokenizer
+    steps = record["steps"] if mode != "no_cot" else []
+    replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    encoded = processor(text=[prompt], images=record["images"] or None, return_tensors="pt")
+    prompt_ids = encoded["input_ids"][0].tolist()
+
+    latent_ids = []
+    if latents:
+        latent_ids = [_token_id(tokenizer, LATENT)] * latents
+        if use_latent_markers:
+            latent_ids = [_token_id(tokenizer, START_LATENT), *latent_ids, _token_id(tokenizer, END_LATENT)]
+    remaining = steps[replaced:]
+    target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [_token_id(tokenizer, END_OF_TURN)]
+
+    input_ids = prompt_ids + latent_ids + target_ids
+    example = {
+        "input_ids": input_ids,
+        "labels": [IGNORE_INDEX] * (len(prompt_ids) + len(latent_ids)) + target_ids,
+        "mm_token_type_ids": encoded["mm_token_type_ids"][0].tolist() + [0] * (len(latent_ids) + len(target_ids)),
+        "num_latents": latents,
+    }
+    if "pixel_values" in encoded:
+        example["pixel_values"] = encoded["pixel_values"]
+        example["image_grid_thw"] = encoded["image_grid_thw"]
+    return example
+
+
+# ---- collator ------------------------------------------------------------------------------------------------
+
+
+class VedasDataCollator:
+    """Batch stage examples so the latent block shares columns across rows.
+
+    Rows are left-padded so every prompt (up to and including `<|start-latent|>`) ends at the same column; rows with
+    fewer latents than the batch maximum get padding right after their latents; then rows are right-padded to the
+    same length. Padding has attention 0, label -100, modality type 0.
+    """
+
+    def __init__(self, processor):
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.latent_id = self.tokenizer.convert_tokens_to_ids(LATENT)
+
+    def _split(self, example):
+        """`(prompt, latents, rest)` column counts of an example."""
+        ids = example["input_ids"]
+        if example.get("num_latents", 0) == 0:
+            prompt = next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(ids))
+            return prompt, 0, len(ids) - prompt
+        first = ids.index(self.latent_id)
+        count = example["num_latents"]
+        return first, count, len(ids) - first - count
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        parts = [self._split(e) for e in examples]
+        max_prompt = max(p for p, _, _ in parts)
+        max_latents = max(k for _, k, _ in parts)
+        rows = []
+        for example, (prompt, latents, rest) in zip(examples, parts):
+            left, gap = max_prompt - prompt, max_latents - latents
+            cut = prompt + latents
+            row = {}
+            for key, pad in (("input_ids", self.pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0)):
+                values = example[key]
+                row[key] = [pad] * left + values[:cut] + [pad] * gap + values[cut:]
+            row["attention_mask"] = [0] * left + [1] * cut + [0] * gap + [1] * rest
+            rows.append(row)
+        length = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key, pad in (("input_ids", self.pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0),
+                         ("attention_mask", 0)):
+            batch[key] = torch.tensor([r[key] + [pad] * (length - len(r[key])) for r in rows])
+        with_images = [e for e in examples if "pixel_values" in e]
+        if with_images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        return batch
+
+
+__all__ = [
+    "VedasDataCollator",
+    "build_stage_example",
+    "from_m3cot",
+    "from_scienceqa",
+    "load_records",
+    "normalize_record",
+    "prompt_messages",
+    "split_rationale",
+    "stage_plan",
+]

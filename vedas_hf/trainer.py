@@ -1,0 +1,223 @@
+"""`VedasSFTTrainer`: TRL's `SFTTrainer` with the Vedas curriculum and the reconstruction loss (eq. 13).
+
+Curriculum (paper section 3.4, Coconut-style): stage k replaces the first k reasoning steps of every record with k
+`<|latent|>` tokens. The stage advances every `epochs_per_stage` epochs up to `max_latent_stage`; it is a function
+of the epoch only, so a run resumed from a checkpoint continues at the same stage with the same data order.
+
+The loss is computed by the model's own latent multi-pass forward (TRL's fused LM head never runs the latent
+passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` are logged through `_metrics`.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from .data import VedasDataCollator, build_stage_example, normalize_record
+
+
+@dataclass
+class VedasSFTConfig(SFTConfig):
+    r"""
+    [`~trl.SFTConfig`] plus the Vedas curriculum. Paper defaults: 4 epochs per stage, up to 4 latent steps.
+
+    Parameters:
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            Unlike TRL's default, off: the latent passes reuse the KV cache, which checkpointing would replay.
+        epochs_per_stage (`int`, *optional*, defaults to `4`):
+            Epochs spent at each curriculum stage before one more reasoning step becomes a latent.
+        max_latent_stage (`int`, *optional*, defaults to `4`):
+            Last stage: at most this many latents (the model's `num_latent_steps` at inference).
+        curriculum (`bool`, *optional*, defaults to `True`):
+            Advance through stages 0..max; when `False`, train at `max_latent_stage` from the first step.
+        recon_loss_weight (`float` or `None`, *optional*, defaults to `None`):
+            lambda of eq. 13; `None` keeps the model config's `recon_loss_weight`.
+        cot_baseline (`bool`, *optional*, defaults to `False`):
+            Evaluation baseline: train on the full explicit reasoning chain, never latents.
+        no_cot_baseline (`bool`, *optional*, defaults to `False`):
+            Evaluation baseline: train on the answer only.
+        pad_latent_to_max (`bool`, *optional*, defaults to `True`):
+            Records with fewer steps than the stage still get `stage` latents (all their steps removed).
+        use_latent_markers (`bool`, *optional*, defaults to `True`):
+            Surround latents with `<|start-latent|>` / `<|end-latent|>` (needed by `generate`).
+        max_reasoning_steps (`int`, *optional*, defaults to `4`):
+            A `rationale` is split on blank lines into at most this many steps (paper fig. 3).
+    """
+
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Not supported by the latent passes (they reuse the KV cache); TRL's default is turned off."},
+    )
+    epochs_per_stage: int = field(default=4, metadata={"help": "Epochs per curriculum stage."})
+    max_latent_stage: int = field(default=4, metadata={"help": "Last curriculum stage (max latents)."})
+    curriculum: bool = field(default=True, metadata={"help": "Advance stages; False trains at the last stage."})
+    recon_loss_weight: float | None = field(default=None, metadata={"help": "lambda of eq. 13 (None: model config)."})
+    cot_baseline: bool = field(default=False, metadata={"help": "Train on explicit CoT only (baseline)."})
+    no_cot_baseline: bool = field(default=False, metadata={"help": "Train on answers only (baseline)."})
+    pad_latent_to_max: bool = field(default=True, metadata={"help": "Always use `stage` latents."})
+    use_latent_markers: bool = field(default=True, metadata={"help": "Wrap latents in start/end markers."})
+    max_reasoning_steps: int = field(default=4, metadata={"help": "Max steps when splitting a rationale."})
+
+    def __post_init__(self):
+        # The dataset is built per stage on the fly and batched by VedasDataCollator; TRL must not tokenize it or drop
+        # its columns.
+        self.remove_unused_columns = False
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        super().__post_init__()
+        if self.cot_baseline and self.no_cot_baseline:
+            raise ValueError("cot_baseline and no_cot_baseline are exclusive; set at most one of them.")
+        for name in ("epochs_per_stage", "max_reasoning_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.max_latent_stage < 0:
+            raise ValueError(f"max_latent_stage={self.max_latent_stage} must be >= 0.")
+        if self.recon_loss_weight is not None and self.recon_loss_weight < 0:
+            raise ValueError(f"recon_loss_weight={self.recon_loss_weight} must be >= 0.")
+
+    @property
+    def data_mode(self) -> str:
+        """`"cot"`, `"no_cot"` or `"latent"`."""
+        return "cot" if self.cot_baseline else "no_cot" if self.no_cot_baseline else "latent"
+
+    def stage_for_epoch(self, epoch: int) -> int:
+        """Curriculum stage of (0-based) `epoch`."""
+        if self.data_mode != "latent":
+            return 0
+        if not self.curriculum:
+            return self.max_latent_stage
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+
+
+class StageRenderer:
+    """Renders canonical records at the current curriculum `stage` (a `datasets` transform).
+
+    Every record is validated when the renderer is built, so a malformed record fails before training starts.
+    """
+
+    def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
+        self.records = [normalize_record(record, i, max_steps=args.max_reasoning_steps) for i, record in enumerate(records)]
+        self.processor = processor
+        self.args = args
+        self.stage = stage
+
+    def example(self, index: int) -> dict:
+        """The tokenised example of record `index` at the current stage."""
+        return build_stage_example(
+            self.records[index],
+            self.stage,
+            processor=self.processor,
+            max_latent_stage=self.args.max_latent_stage,
+            pad_latent_to_max=self.args.pad_latent_to_max,
+            use_latent_markers=self.args.use_latent_markers,
+            mode=self.args.data_mode,
+        )
+
+    def __call__(self, batch: dict) -> dict:
+        examples = [self.example(i) for i in batch["record_index"]]
+        return {key: [e.get(key) for e in examples] for key in examples[0]}
+
+
+def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0):
+    """A `datasets.Dataset` of record indices whose rows are rendered on the fly by a [`StageRenderer`]; returns
+    `(dataset, renderer)`."""
+    from datasets import Dataset
+
+    renderer = StageRenderer(records, processor, args, stage)
+    dataset = Dataset.from_dict({"record_index": list(range(len(renderer.records)))})
+    dataset.set_transform(renderer)
+    return dataset, renderer
+
+
+class CurriculumCallback(TrainerCallback):
+    """Sets the stage of the training renderer at the start of every epoch (also after a resume)."""
+
+    def __init__(self, renderers, args: VedasSFTConfig):
+        self.renderers = renderers
+        self.args = args
+        self.stage = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        epoch = math.floor(state.epoch + 1e-4) if state.epoch else 0
+        self.stage = self.args.stage_for_epoch(epoch)
+        for renderer in self.renderers:
+            renderer.stage = self.stage
+        return control
+
+
+class VedasSFTTrainer(SFTTrainer):
+    """[`~trl.SFTTrainer`] for Vedas latent reasoning.
+
+    `train_dataset` / `eval_dataset` are lists of canonical CoT records (dicts, see `vedas_hf.data`), rendered on
+    the fly at the current stage; `processing_class` is the Qwen2-VL processor. The eval dataset is rendered at the
+    final stage (what the trained model will run).
+    """
+
+    def __init__(self, model, args: VedasSFTConfig, train_dataset=None, eval_dataset=None, processing_class=None,
+                 data_collator=None, callbacks=None, **kwargs):
+        if not isinstance(args, VedasSFTConfig):
+            raise ValueError(f"args must be a VedasSFTConfig, got {type(args).__name__}.")
+        if processing_class is None:
+            raise ValueError("Pass the Qwen2-VL processor as processing_class (it renders images and prompts).")
+        renderers = []
+        if train_dataset is not None:
+            train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args)
+            renderers.append(renderer)
+        self.eval_stage = args.stage_for_epoch(10**9)
+        if eval_dataset is not None:
+            eval_dataset, _ = curriculum_dataset(eval_dataset, processing_class, args, stage=self.eval_stage)
+        self.curriculum_callback = CurriculumCallback(renderers, args)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator or VedasDataCollator(processing_class),
+            callbacks=[self.curriculum_callback, *(callbacks or [])],
+            **kwargs,
+        )
+        # The model's loss is a per-token mean; let Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        if args.recon_loss_weight is not None:
+            self._vedas_config().recon_loss_weight = args.recon_loss_weight
+
+    def _vedas_config(self):
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return model.config
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Latent multi-pass forward; logs `ce_loss`, `recon_loss` and `stage`."""
+        mode = "train" if model.training else "eval"
+        outputs = model(**inputs)
+        metrics = self._metrics[mode]
+        metrics["ce_loss"].append(self._gathered_mean(outputs.get("ce_loss", outputs.loss)))
+        recon = outputs.get("recon_loss")
+        if recon is not None:
+            metrics["recon_loss"].append(self._gathered_mean(recon))
+        stage = self.curriculum_callback.stage if mode == "train" else self.eval_stage
+        metrics["stage"].append(float(stage or 0))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _gathered_mean(self, value: torch.Tensor) -> float:
+        return self.accelerator.gather_for_metrics(value.detach().reshape(1)).float().mean().item()
+
+
+def vedas_lora_config(r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0.05, **kwargs):
+    """LoRA on the language model's linear layers only (paper: r=64, alpha=16, dropout 0.05); routers and TokenSR
+    are trained fully and saved with the adapter (`modules_to_save`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+        modules_to_save=["router", "token_sr"],
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+__all__ = ["CurriculumCallback", "StageRenderer", "curriculum_dataset", "VedasSFTConfig", "VedasSFTTrainer", "vedas_lora_config"]

@@ -9,10 +9,15 @@ passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` ar
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 from transformers import TrainerCallback
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.trainer import _is_peft_model
+from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
 from .data import VedasDataCollator, build_stage_example, normalize_record
@@ -202,6 +207,42 @@ class VedasSFTTrainer(SFTTrainer):
 
     def _gathered_mean(self, value: torch.Tensor) -> float:
         return self.accelerator.gather_for_metrics(value.detach().reshape(1)).float().mean().item()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume full-model weights through the model's key conversion.
+
+        `save_pretrained` writes Qwen2-VL weights in the original Hub layout (`model.layers.*`, `visual.*`), but
+        `Trainer` resumes with a raw `load_state_dict`, which would silently leave every weight at its initial value
+        (transformers 5.x, stock Qwen2-VL included). We map the saved keys back and refuse to resume on any missing
+        weight. Adapter (PEFT), FSDP and sharded checkpoints go through the stock path.
+        """
+        model = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        if _is_peft_model(model) or self.is_fsdp_enabled or not os.path.isfile(weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        saved = safetensors.torch.load_file(weights, device="cpu")
+        state_dict = {saved_to_model.get(key, key): tensor
+                      for saved_to_model in [saved_key_map(model)] for key, tensor in saved.items()}
+        result = model.load_state_dict(state_dict, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in result.missing_keys if key not in tied]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {result.unexpected_keys[:5]}. Resume with the model class and "
+                "config that wrote it."
+            )
+        model.tie_weights()
+
+
+def saved_key_map(model) -> dict[str, str]:
+    """`{key as save_pretrained writes it: key in model.state_dict()}` for the model's (rename-only) key conversion."""
+    mapping = {}
+    for key, tensor in model.state_dict().items():
+        reverted = revert_weight_conversion(model, {key: tensor})
+        if len(reverted) == 1:
+            mapping[next(iter(reverted))] = key
+    return mapping
 
 
 def vedas_lora_config(r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0.05, **kwargs):

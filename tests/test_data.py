@@ -1,0 +1,184 @@
+"""Records, adapters, curriculum stage construction and the collator."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vedas_hf.data import (
+    IGNORE_INDEX,
+    VedasDataCollator,
+    build_stage_example,
+    from_m3cot,
+    from_scienceqa,
+    load_records,
+    normalize_record,
+    split_rationale,
+    stage_plan,
+)
+from vedas_hf.testing import make_tiny_images
+
+
+@pytest.fixture
+def record(images):
+    return normalize_record(
+        {"image": images[0], "question": "What is 3 + 4?", "steps": ["Read 3.", "Read 4.", "3 + 4 = 7."],
+         "answer": "7"}, 0)
+
+
+def ids(processor, text):
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def token(processor, name):
+    return processor.tokenizer.convert_tokens_to_ids(name)
+
+
+# ---- records ---------------------------------------------------------------------------------------------------
+
+
+def test_split_rationale_keeps_short_and_merges_long():
+    assert split_rationale("a\n\nb\n\n\nc", 4) == ["a", "b", "c"]
+    pieces = [f"step {i} " + "x" * 10 for i in range(9)]
+    steps = split_rationale("\n\n".join(pieces), 4)
+    assert len(steps) == 4
+    assert "\n".join(steps).split("\n") == pieces  # nothing lost, order kept
+    assert max(len(s) for s in steps) <= 3 * min(len(s) for s in steps)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"question": "", "steps": ["a"], "answer": "1"}, "Record 3: field 'question'"),
+        ({"question": "q", "steps": ["a"]}, "Record 3: field 'answer'"),
+        ({"question": "q", "rationale": "  ", "answer": "1"}, "Record 3: needs 'steps'"),
+        ({"question": "q", "steps": [], "answer": "1"}, "Record 3: field 'steps'"),
+        ({"question": "q", "steps": ["a"], "answer": "1", "image": "/no/such.png"}, "/no/such.png"),
+        ({"question": "q", "steps": ["a"], "answer": "1", "image": 5}, "Record 3: field 'image'"),
+    ],
+)
+def test_normalize_record_errors_name_index_and_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        normalize_record(bad, 3)
+
+
+def test_adapters_map_choices_to_letters():
+    m3 = from_m3cot({"question": "Which?", "choices": ["cat", "dog"], "answer": "B", "rationale": "r", "image": None}, 0)
+    assert m3["answer"] == "B" and m3["question"].endswith("Options: (A) cat (B) dog")
+    sq = from_scienceqa({"question": "Pick", "choices": ["x", "y", "z"], "answer": 2, "solution": "s"}, 1)
+    assert sq["answer"] == "C" and sq["rationale"] == "s"
+    with pytest.raises(ValueError, match="Record 4: answer 'D'"):
+        from_m3cot({"question": "q", "choices": ["a", "b"], "answer": "D"}, 4)
+
+
+def test_load_records_from_jsonl_resolves_relative_images(tmp_path):
+    make_tiny_images(1)[0].save(tmp_path / "img.png")
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": "A", "rationale": "r1\n\nr2", "image": "img.png"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = load_records(tmp_path / "data.jsonl", adapter=from_m3cot)
+    normalized = normalize_record(records[0], 0)
+    assert normalized["steps"] == ["r1", "r2"] and normalized["images"][0].size == (32, 32)
+
+
+# ---- stage construction ------------------------------------------------------------------------------------------
+
+
+def test_stage_zero_is_full_cot(processor, record):
+    example = build_stage_example(record, 0, processor=processor)
+    target = ids(processor, "Read 3.\nRead 4.\n3 + 4 = 7.\nAnswer: 7") + [token(processor, "<|im_end|>")]
+    assert example["input_ids"][-len(target):] == target
+    prompt_len = len(example["input_ids"]) - len(target)
+    assert example["labels"] == [IGNORE_INDEX] * prompt_len + target
+    assert example["num_latents"] == 0
+
+
+@pytest.mark.parametrize("stage, pad, latents, rest", [
+    (1, True, 1, "Read 4.\n3 + 4 = 7.\n"), (2, True, 2, "3 + 4 = 7.\n"), (3, True, 3, ""), (6, True, 4, ""),
+    (6, False, 3, ""),
+])
+def test_stage_k_replaces_first_k_steps_with_latents(processor, record, stage, pad, latents, rest):
+    example = build_stage_example(record, stage, processor=processor, max_latent_stage=4, pad_latent_to_max=pad)
+    block = [token(processor, "<|start-latent|>")] + [token(processor, "<|latent|>")] * latents
+    block += [token(processor, "<|end-latent|>")]
+    target = ids(processor, rest + "Answer: 7") + [token(processor, "<|im_end|>")]
+    assert example["input_ids"][-(len(block) + len(target)):] == block + target
+    prompt_len = len(example["input_ids"]) - len(block) - len(target)
+    assert example["labels"] == [IGNORE_INDEX] * (prompt_len + len(block)) + target
+    assert example["num_latents"] == latents
+    assert example["mm_token_type_ids"][prompt_len:] == [0] * (len(block) + len(target))
+
+
+def test_baseline_modes(processor, record):
+    cot = build_stage_example(record, 3, processor=processor, mode="cot")
+    assert cot["input_ids"] == build_stage_example(record, 0, processor=processor)["input_ids"]
+    no_cot = build_stage_example(record, 3, processor=processor, mode="no_cot")
+    target = ids(processor, "Answer: 7") + [token(processor, "<|im_end|>")]
+    assert no_cot["input_ids"][-len(target):] == target and no_cot["num_latents"] == 0
+    with pytest.raises(ValueError, match="mode='x'"):
+        build_stage_example(record, 1, processor=processor, mode="x")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stage=st.integers(0, 7), num_steps=st.integers(1, 5), max_stage=st.integers(0, 4), pad=st.booleans())
+def test_stage_label_invariants(processor, stage, num_steps, max_stage, pad):
+    record = {"images": [], "question": "q?", "steps": [f"s{i}." for i in range(num_steps)], "answer": "1"}
+    example = build_stage_example(record, stage, processor=processor, max_latent_stage=max_stage, pad_latent_to_max=pad)
+    replaced, latents = stage_plan(num_steps, stage, max_stage, pad)
+    latent_id = token(processor, "<|latent|>")
+    assert example["input_ids"].count(latent_id) == latents == example["num_latents"]
+    supervised = [i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    assert supervised == list(range(supervised[0], len(example["input_ids"])))  # one contiguous tail
+    assert all(example["input_ids"][i] == example["labels"][i] for i in supervised)
+    assert latent_id not in [example["input_ids"][i] for i in supervised]
+    tail = processor.tokenizer.decode([example["input_ids"][i] for i in supervised])
+    assert [f"s{i}." in tail for i in range(num_steps)] == [i >= replaced for i in range(num_steps)]
+
+
+# ---- collator ----------------------------------------------------------------------------------------------------
+
+
+def _examples(processor, images, latents):
+    questions = ["What is it?", "A much longer question about the digits in the picture?", "Text only?"]
+    out = []
+    for question, image, k in zip(questions, [images[0], images[2], None], latents):
+        record = {"images": [image] if image else [], "question": question, "steps": ["a.", "b.", "c."], "answer": "5"}
+        out.append(build_stage_example(record, k, processor=processor, pad_latent_to_max=False))
+    return out
+
+
+@pytest.mark.parametrize("latents", [(2, 1, 3), (0, 0, 0), (2, 2, 2)])
+def test_collator_aligns_latent_block(processor, images, latents):
+    examples = _examples(processor, images, latents)
+    batch = VedasDataCollator(processor)(examples)
+    latent_id = token(processor, "<|latent|>")
+    is_latent = batch["input_ids"] == latent_id
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    if max(latents):
+        columns = is_latent.any(0).nonzero().flatten().tolist()
+        start = columns[0]
+        assert columns == list(range(start, start + max(latents)))
+        for row, k in enumerate(latents):
+            assert is_latent[row, start : start + k].all() and not is_latent[row, start + k :].any()
+            assert batch["attention_mask"][row, start + k : start + max(latents)].sum() == 0
+            assert batch["input_ids"][row, start - 1] == token(processor, "<|start-latent|>")
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    for row, example in enumerate(examples):  # every row keeps its tokens, in order
+        kept = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert kept == example["input_ids"]
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+    assert batch["image_grid_thw"].shape[0] == 2
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(latents=st.lists(st.integers(1, 4), min_size=1, max_size=3), lengths=st.lists(st.integers(1, 8), min_size=3, max_size=3))
+def test_collator_alignment_property(processor, latents, lengths):
+    examples = []
+    for k, n in zip(latents, lengths):
+        record = {"images": [], "question": "word " * n, "steps": ["a.", "b.", "c.", "d."], "answer": "1"}
+        examples.append(build_stage_example(record, k, processor=processor, pad_latent_to_max=False))
+    batch = VedasDataCollator(processor)(examples)
+    first = (batch["input_ids"] == token(processor, "<|latent|>")).int().argmax(1)
+    assert len(set(first.tolist())) == 1
+    assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in examples]))

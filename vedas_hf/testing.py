@@ -449,13 +449,15 @@ def make_tiny_stock_checkpoint(path, seed: int = 0, add_latent_tokens: bool = Fa
     return str(path)
 
 
-def make_tiny_checkpoint(path, seed: int = 0, **vedas_overrides: Any) -> str:
-    """Write a tiny Vedas checkpoint: `make_tiny_stock_checkpoint(seed=seed)` converted with
+def make_tiny_checkpoint(path, seed: int = 0, stock_overrides: dict | None = None, **vedas_overrides: Any) -> str:
+    """Write a tiny Vedas checkpoint: `make_tiny_stock_checkpoint(seed=seed, **stock_overrides)` converted with
     `vedas_hf.convert.convert_checkpoint` (new Vedas modules initialised after `torch.manual_seed(seed)`).
 
     Args:
         path: target folder (created if missing; overwritten if not empty).
         seed: torch seed for the stock weights and the new Vedas modules.
+        stock_overrides: backbone sizes for `tiny_qwen2_vl_config_dict`, e.g.
+            `{"text_config": {"hidden_size": 128}, "vision_config": {"patch_size": 2}}`.
         vedas_overrides: Vedas config fields, e.g. `replay_top_k=3, router_top_k=4`.
 
     Returns:
@@ -464,7 +466,7 @@ def make_tiny_checkpoint(path, seed: int = 0, **vedas_overrides: Any) -> str:
     from .convert import convert_checkpoint
 
     with tempfile.TemporaryDirectory() as stock_dir:
-        make_tiny_stock_checkpoint(os.path.join(stock_dir, "stock"), seed=seed)
+        make_tiny_stock_checkpoint(os.path.join(stock_dir, "stock"), seed=seed, **(stock_overrides or {}))
         torch.manual_seed(seed)
         return convert_checkpoint(os.path.join(stock_dir, "stock"), path, overwrite=True, **vedas_overrides)
 

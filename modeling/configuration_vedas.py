@@ -1,12 +1,13 @@
 # Copyright 2026 The vedas-hf authors. Licensed under the Apache License, Version 2.0.
-"""Configuration of Vedas (Visual Enhanced Depth Scaling) on a Qwen2-VL backbone.
+"""Configuration of Vedas (Visual Enhanced Depth Scaling) on Qwen2-VL and Qwen2.5-VL backbones.
 
 This file is uploaded to the Hub next to `modeling_vedas.py`; it imports only transformers.
 """
 
 import math
+from dataclasses import dataclass
 
-from transformers import Qwen2VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
 
 REPLAY_MODES = ("patches", "soft_mix", "none")
@@ -56,12 +57,7 @@ def cosine_alpha(layer_idx: int, num_layers: int, alpha_start: int, alpha_end: i
     return max(1, int(round(value)))
 
 
-class VedasQwen2VLConfig(Qwen2VLConfig):
-    r"""
-    Configuration of [`VedasQwen2VLForConditionalGeneration`]: a stock Qwen2-VL configuration plus the fields of
-    Vedas (paper sections 3.2-3.4). Defaults are the paper's settings.
-
-    Args:
+_VEDAS_ARGS_DOC = """
         latent_token_id (`int`, *optional*):
             Id of `<|latent|>`. Training sequences hold one per latent step; `generate` inserts them itself.
         start_latent_token_id (`int`, *optional*):
@@ -99,9 +95,12 @@ class VedasQwen2VLConfig(Qwen2VLConfig):
             TokenSR mapping pooled replay tokens to the re-encoded crop (table 4): `"linear"` or `"mlp"`.
         recon_loss_weight (`float`, *optional*, defaults to 1.0):
             lambda of eq. 13 (the paper uses 1.0 for 2B/3B and 0.2 for 7B backbones).
-    """
+"""
 
-    model_type = "vedas_qwen2_vl"
+
+@dataclass(kw_only=True, eq=False, repr=False)
+class VedasConfigMixin:
+    """The Vedas fields (paper sections 3.2-3.4), their validation and derived values, shared by the backbones."""
 
     latent_token_id: int | None = None
     start_latent_token_id: int | None = None
@@ -193,4 +192,23 @@ class VedasQwen2VLConfig(Qwen2VLConfig):
         )
 
 
-__all__ = ["VedasQwen2VLConfig", "cosine_alpha", "resolve_router_layers"]
+
+class VedasQwen2VLConfig(VedasConfigMixin, Qwen2VLConfig):
+    __doc__ = (
+        "Configuration of [`VedasQwen2VLForConditionalGeneration`]: a stock Qwen2-VL configuration plus the fields "
+        "of Vedas (paper sections 3.2-3.4). Defaults are the paper's settings.\n\n    Args:" + _VEDAS_ARGS_DOC
+    )
+
+    model_type = "vedas_qwen2_vl"
+
+
+class VedasQwen2_5_VLConfig(VedasConfigMixin, Qwen2_5_VLConfig):
+    __doc__ = (
+        "Configuration of [`VedasQwen2_5_VLForConditionalGeneration`]: a stock Qwen2.5-VL configuration plus the "
+        "fields of Vedas (paper sections 3.2-3.4). Defaults are the paper's settings.\n\n    Args:" + _VEDAS_ARGS_DOC
+    )
+
+    model_type = "vedas_qwen2_5_vl"
+
+
+__all__ = ["VedasConfigMixin", "VedasQwen2VLConfig", "VedasQwen2_5_VLConfig", "cosine_alpha", "resolve_router_layers"]

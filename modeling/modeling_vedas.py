@@ -33,6 +33,14 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLTextModel,
+)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
     Qwen2VLDecoderLayer,
@@ -44,7 +52,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     repeat_kv,
 )
 
-from .configuration_vedas import VedasQwen2VLConfig
+from .configuration_vedas import VedasQwen2_5_VLConfig, VedasQwen2VLConfig
 
 
 # transformers renamed the cache keyword from `past_key_values` (<= 5.2x) to `cache`; detect it once.
@@ -166,8 +174,8 @@ def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
 
 
-class VedasQwen2VLDecoderLayer(Qwen2VLDecoderLayer):
-    """Qwen2-VL decoder layer that can (a) report the last token's attention row for visual saliency and
+class VedasDecoderLayerMixin:
+    """Mixed into a Qwen2-VL / Qwen2.5-VL decoder layer: the layer can (a) report the last token's attention row for visual saliency and
     (b) when it carries a router, refine the top-alpha tokens of each routed chunk with D extra passes.
 
     Without a `vedas_pass` keyword argument it is exactly the stock layer.
@@ -289,19 +297,30 @@ class VedasQwen2VLDecoderLayer(Qwen2VLDecoderLayer):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+class VedasQwen2VLDecoderLayer(VedasDecoderLayerMixin, Qwen2VLDecoderLayer):
+    """Qwen2-VL decoder layer with Vedas saliency capture and an optional router (see [`VedasDecoderLayerMixin`])."""
+
+
+class VedasQwen2_5_VLDecoderLayer(VedasDecoderLayerMixin, Qwen2_5_VLDecoderLayer):
+    """Qwen2.5-VL decoder layer with Vedas saliency capture and an optional router (see [`VedasDecoderLayerMixin`])."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
 
 
-class VedasQwen2VLTextModel(Qwen2VLTextModel):
-    """Qwen2-VL language model whose decoder layers are [`VedasQwen2VLDecoderLayer`]s."""
+class VedasTextModelMixin:
+    """Mixed into a Qwen2-VL / Qwen2.5-VL language model: its decoder layers become `vedas_layer_class` layers,
+    those listed in `router_layers` carrying a router of depth `router_depth`."""
+
+    vedas_layer_class = None
 
     def __init__(self, config, router_layers=(), router_depth: int = 1):
         super().__init__(config)
         routed = set(router_layers)
         self.layers = nn.ModuleList(
-            VedasQwen2VLDecoderLayer(config, i, router_depth if i in routed else None)
+            self.vedas_layer_class(config, i, router_depth if i in routed else None)
             for i in range(config.num_hidden_layers)
         )
         self.post_init()
@@ -315,19 +334,51 @@ class VedasQwen2VLTextModel(Qwen2VLTextModel):
             super()._init_weights(module)
 
 
-class VedasQwen2VLModel(Qwen2VLModel):
-    """Qwen2-VL backbone (vision tower + Vedas language model)."""
+class VedasModelMixin:
+    """Mixed into a Qwen2-VL / Qwen2.5-VL backbone: stock vision tower + Vedas language model."""
 
-    config_class = VedasQwen2VLConfig
+    vedas_pretrained_class = None  # the backbone's PreTrainedModel base (its __init__ is called directly)
+    vedas_vision_class = None
+    vedas_text_class = None
 
-    def __init__(self, config: VedasQwen2VLConfig):
-        Qwen2VLPreTrainedModel.__init__(self, config)
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
-        self.language_model = VedasQwen2VLTextModel._from_config(
+    def __init__(self, config):
+        self.vedas_pretrained_class.__init__(self, config)
+        self.visual = self.vedas_vision_class._from_config(config.vision_config)
+        self.language_model = self.vedas_text_class._from_config(
             config.text_config, router_layers=config.router_layer_indices, router_depth=config.router_depth
         )
         self.rope_deltas = None
         self.post_init()
+
+
+class VedasQwen2VLTextModel(VedasTextModelMixin, Qwen2VLTextModel):
+    """Qwen2-VL language model whose decoder layers are [`VedasQwen2VLDecoderLayer`]s."""
+
+    vedas_layer_class = VedasQwen2VLDecoderLayer
+
+
+class VedasQwen2VLModel(VedasModelMixin, Qwen2VLModel):
+    """Qwen2-VL backbone (vision tower + Vedas language model)."""
+
+    config_class = VedasQwen2VLConfig
+    vedas_pretrained_class = Qwen2VLPreTrainedModel
+    vedas_vision_class = Qwen2VisionTransformerPretrainedModel
+    vedas_text_class = VedasQwen2VLTextModel
+
+
+class VedasQwen2_5_VLTextModel(VedasTextModelMixin, Qwen2_5_VLTextModel):
+    """Qwen2.5-VL language model whose decoder layers are [`VedasQwen2_5_VLDecoderLayer`]s."""
+
+    vedas_layer_class = VedasQwen2_5_VLDecoderLayer
+
+
+class VedasQwen2_5_VLModel(VedasModelMixin, Qwen2_5_VLModel):
+    """Qwen2.5-VL backbone (window-attention vision tower + Vedas language model)."""
+
+    config_class = VedasQwen2_5_VLConfig
+    vedas_pretrained_class = Qwen2_5_VLPreTrainedModel
+    vedas_vision_class = Qwen2_5_VisionTransformerPretrainedModel
+    vedas_text_class = VedasQwen2_5_VLTextModel
 
 
 class TokenSR(nn.Module):
@@ -392,8 +443,8 @@ class ImplicitPhase:
     recon_losses: list
 
 
-class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """Qwen2-VL with Vedas latent reasoning.
+class VedasForConditionalGenerationMixin:
+    """Vedas latent reasoning, mixed into a Qwen2-VL / Qwen2.5-VL `ForConditionalGeneration` class.
 
     * `forward(input_ids, ...)` on sequences *without* `<|latent|>` tokens is the stock forward. With latent tokens
       (a contiguous block after the prompt, aligned across the batch; rows may pad the tail of the block) it runs
@@ -403,12 +454,12 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
       generation loop. Output layout is the stock one: prompt ids then answer ids.
     """
 
-    config_class = VedasQwen2VLConfig
-    _no_split_modules = ["VedasQwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    vedas_pretrained_class = None  # the backbone's PreTrainedModel base (its __init__ is called directly)
+    vedas_model_class = None
 
-    def __init__(self, config: VedasQwen2VLConfig):
-        Qwen2VLPreTrainedModel.__init__(self, config)
-        self.model = VedasQwen2VLModel(config)
+    def __init__(self, config):
+        self.vedas_pretrained_class.__init__(self, config)
+        self.model = self.vedas_model_class(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.token_sr = TokenSR(text.hidden_size, config.token_sr)
@@ -416,11 +467,11 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Stock `save_pretrained`; when the class is registered for auto classes, `auto_map` also maps `AutoModel`
-        to [`VedasQwen2VLModel`] (the file holding both classes is copied once)."""
+        to the backbone class (the file holding both classes is copied once)."""
         if getattr(self, "_auto_class", None) is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"{module}.{VedasQwen2VLModel.__name__}")
+            auto_map.setdefault("AutoModel", f"{module}.{self.vedas_model_class.__name__}")
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -825,6 +876,24 @@ class VedasQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         return steps
 
 
+class VedasQwen2VLForConditionalGeneration(VedasForConditionalGenerationMixin, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with Vedas latent reasoning (see [`VedasForConditionalGenerationMixin`])."""
+
+    config_class = VedasQwen2VLConfig
+    _no_split_modules = ["VedasQwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    vedas_pretrained_class = Qwen2VLPreTrainedModel
+    vedas_model_class = VedasQwen2VLModel
+
+
+class VedasQwen2_5_VLForConditionalGeneration(VedasForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with Vedas latent reasoning (see [`VedasForConditionalGenerationMixin`])."""
+
+    config_class = VedasQwen2_5_VLConfig
+    _no_split_modules = ["VedasQwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    vedas_pretrained_class = Qwen2_5_VLPreTrainedModel
+    vedas_model_class = VedasQwen2_5_VLModel
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: latent block, visual layout, window search, (un)patchify
 # --------------------------------------------------------------------------------------------------------------
@@ -958,6 +1027,8 @@ def patchify(frames: torch.Tensor, grid, vision_config) -> torch.Tensor:
 for _ours, _stock in (
     ("VedasQwen2VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
     ("VedasQwen2VLModel", "Qwen2VLModel"),
+    ("VedasQwen2_5_VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+    ("VedasQwen2_5_VLModel", "Qwen2_5_VLModel"),
 ):
     _mapping = get_checkpoint_conversion_mapping(_stock)
     if _mapping is not None:
@@ -965,10 +1036,18 @@ for _ours, _stock in (
 
 
 __all__ = [
+    "VedasDecoderLayerMixin",
+    "VedasForConditionalGenerationMixin",
+    "VedasModelMixin",
+    "VedasTextModelMixin",
     "VedasQwen2VLForConditionalGeneration",
     "VedasQwen2VLModel",
     "VedasQwen2VLTextModel",
     "VedasQwen2VLDecoderLayer",
+    "VedasQwen2_5_VLForConditionalGeneration",
+    "VedasQwen2_5_VLModel",
+    "VedasQwen2_5_VLTextModel",
+    "VedasQwen2_5_VLDecoderLayer",
     "VedasRouter",
     "VedasRouterCache",
     "TokenSR",

@@ -2,24 +2,60 @@
 
 import pytest
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
+from vedas_hf import (
+    VedasQwen2_5_VLConfig,
+    VedasQwen2_5_VLForConditionalGeneration,
+    VedasQwen2VLConfig,
+    VedasQwen2VLForConditionalGeneration,
+)
 from vedas_hf.testing import build_tiny_processor, make_tiny_checkpoint, make_tiny_images, make_tiny_stock_checkpoint
 
 
-@pytest.fixture(scope="session")
-def processor():
-    return build_tiny_processor()
+# backbone -> (stock model class, Vedas model class, Vedas config class)
+BACKBONE_CLASSES = {
+    "qwen2_vl": (Qwen2VLForConditionalGeneration, VedasQwen2VLForConditionalGeneration, VedasQwen2VLConfig),
+    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, VedasQwen2_5_VLForConditionalGeneration, VedasQwen2_5_VLConfig),
+}
+
+
+@pytest.fixture(scope="session", params=list(BACKBONE_CLASSES))
+def backbone(request):
+    """Every test that builds a model runs once per backbone."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def stock_dir(tmp_path_factory):
-    return make_tiny_stock_checkpoint(tmp_path_factory.mktemp("stock"), seed=0)
+def stock_class(backbone):
+    return BACKBONE_CLASSES[backbone][0]
 
 
 @pytest.fixture(scope="session")
-def vedas_dir(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("vedas"), seed=0, replay_top_k=3, router_top_k=4)
+def vedas_class(backbone):
+    return BACKBONE_CLASSES[backbone][1]
+
+
+@pytest.fixture(scope="session")
+def config_class(backbone):
+    return BACKBONE_CLASSES[backbone][2]
+
+
+@pytest.fixture(scope="session")
+def processor(backbone):
+    return build_tiny_processor(backbone=backbone)
+
+
+@pytest.fixture(scope="session")
+def stock_dir(tmp_path_factory, backbone):
+    return make_tiny_stock_checkpoint(tmp_path_factory.mktemp("stock"), seed=0, backbone=backbone)
+
+
+@pytest.fixture(scope="session")
+def vedas_dir(tmp_path_factory, backbone):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("vedas"), backbone=backbone, seed=0, replay_top_k=3,
+                                router_top_k=4)
 
 
 def make_batch(processor, questions, images):

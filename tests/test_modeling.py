@@ -8,10 +8,9 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import AutoProcessor
 
 from conftest import make_batch
-from vedas_hf import VedasQwen2VLConfig, VedasQwen2VLForConditionalGeneration
 from vedas_hf.convert import convert_checkpoint
 from vedas_hf.modeling.configuration_vedas import cosine_alpha, resolve_router_layers
 from vedas_hf.modeling.modeling_vedas import VedasPass, VedasRouterCache, select_top_alpha
@@ -49,9 +48,9 @@ def converted(stock_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_converted_checkpoint_matches_stock_logits_and_greedy_tokens(stock_dir, converted, processor, images, attn):
-    stock = Qwen2VLForConditionalGeneration.from_pretrained(stock_dir, attn_implementation=attn).eval()
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(converted, attn_implementation=attn).eval()
+def test_converted_checkpoint_matches_stock_logits_and_greedy_tokens(stock_dir, converted, processor, images, attn, stock_class, vedas_class):
+    stock = stock_class.from_pretrained(stock_dir, attn_implementation=attn).eval()
+    model = vedas_class.from_pretrained(converted, attn_implementation=attn).eval()
     batch = make_batch(processor, ["What digit is this?", "Colour of the shape?"], [[images[0]], [images[1]]])
     with torch.no_grad():
         expected = stock(**batch).logits
@@ -62,9 +61,9 @@ def test_converted_checkpoint_matches_stock_logits_and_greedy_tokens(stock_dir, 
     assert torch.equal(stock_tokens, vedas_tokens)
 
 
-def test_conversion_loads_every_stock_weight_and_initialises_new_modules(stock_dir, converted):
-    stock = Qwen2VLForConditionalGeneration.from_pretrained(stock_dir)
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(converted)
+def test_conversion_loads_every_stock_weight_and_initialises_new_modules(stock_dir, converted, stock_class, vedas_class):
+    stock = stock_class.from_pretrained(stock_dir)
+    model = vedas_class.from_pretrained(converted)
     ours = model.state_dict()
     config = model.config
     latent_rows = [config.latent_token_id, config.start_latent_token_id, config.end_latent_token_id]
@@ -81,15 +80,15 @@ def test_conversion_loads_every_stock_weight_and_initialises_new_modules(stock_d
     assert torch.isfinite(model.token_sr.net.weight).all() and model.token_sr.net.weight.std() > 0
 
 
-def test_conversion_adds_latent_tokens_initialised_from_an_existing_row(stock_dir, converted):
+def test_conversion_adds_latent_tokens_initialised_from_an_existing_row(stock_dir, converted, vedas_class, config_class):
     processor = AutoProcessor.from_pretrained(converted)
-    config = VedasQwen2VLConfig.from_pretrained(converted)
+    config = config_class.from_pretrained(converted)
     vocab = processor.tokenizer.get_vocab()
     assert vocab["<|latent|>"] == config.latent_token_id
     assert vocab["<|start-latent|>"] == config.start_latent_token_id
     assert vocab["<|end-latent|>"] == config.end_latent_token_id
     assert processor.tokenizer.tokenize("<|latent|>") == ["<|latent|>"]
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(converted)
+    model = vedas_class.from_pretrained(converted)
     embed = model.get_input_embeddings().weight
     eos = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
     for token_id in (config.latent_token_id, config.start_latent_token_id, config.end_latent_token_id):
@@ -124,18 +123,18 @@ def test_convert_rejects_missing_weights_and_unknown_backbone(stock_dir, tmp_pat
 # ---- Hub loading -------------------------------------------------------------------------------------------------
 
 
-def test_save_pretrained_writes_auto_map_and_code(vedas_dir):
+def test_save_pretrained_writes_auto_map_and_code(vedas_dir, vedas_class, config_class):
     config = json.load(open(os.path.join(vedas_dir, "config.json")))
-    assert config["model_type"] == "vedas_qwen2_vl"
-    assert config["auto_map"]["AutoConfig"] == "configuration_vedas.VedasQwen2VLConfig"
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vedas.VedasQwen2VLForConditionalGeneration"
-    assert config["auto_map"]["AutoModel"] == "modeling_vedas.VedasQwen2VLModel"
+    assert config["model_type"] == config_class.model_type
+    assert config["auto_map"]["AutoConfig"] == f"configuration_vedas.{config_class.__name__}"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == f"modeling_vedas.{vedas_class.__name__}"
+    assert config["auto_map"]["AutoModel"] == f"modeling_vedas.{vedas_class.vedas_model_class.__name__}"
     assert os.path.isfile(os.path.join(vedas_dir, "modeling_vedas.py"))
     assert os.path.isfile(os.path.join(vedas_dir, "configuration_vedas.py"))
     assert not [f for f in os.listdir(vedas_dir) if f.endswith((".bin", ".pt", ".pkl"))]
 
 
-def test_fresh_process_remote_code_load_without_vedas_hf(vedas_dir, tmp_path):
+def test_fresh_process_remote_code_load_without_vedas_hf(vedas_dir, vedas_class, config_class, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
@@ -144,12 +143,12 @@ def test_fresh_process_remote_code_load_without_vedas_hf(vedas_dir, tmp_path):
         from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
         path = {str(vedas_dir)!r}
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-        assert type(config).__name__ == "VedasQwen2VLConfig", type(config)
+        assert type(config).__name__ == {config_class.__name__!r}, type(config)
         assert "vedas_hf" not in type(config).__module__, type(config).__module__
         model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
-        assert type(model).__name__ == "VedasQwen2VLForConditionalGeneration"
+        assert type(model).__name__ == {vedas_class.__name__!r}
         base = AutoModel.from_pretrained(path, trust_remote_code=True)
-        assert type(base).__name__ == "VedasQwen2VLModel"
+        assert type(base).__name__ == {vedas_class.vedas_model_class.__name__!r}
         ids = torch.tensor([[config.text_config.bos_token_id or 1, 5, 6, 7]])
         logits = model(input_ids=ids).logits
         out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_latent_steps=2)
@@ -162,16 +161,16 @@ def test_fresh_process_remote_code_load_without_vedas_hf(vedas_dir, tmp_path):
     assert "OK (1, 4," in result.stdout and ", 7)" in result.stdout
 
 
-def test_every_config_field_round_trips(tmp_path):
+def test_every_config_field_round_trips(tmp_path, config_class):
     fields = dict(
         latent_token_id=11, start_latent_token_id=12, end_latent_token_id=13, num_latent_steps=3,
         replay_mode="soft_mix", replay_top_k=7, router_layers=[0, 2], router_top_k=5, router_schedule="cosine",
         router_alpha_start=40, router_alpha_end=8, router_depth=2, router_positions="rearrange", recon_window=2,
         token_sr="mlp", recon_loss_weight=0.2,
     )
-    config = VedasQwen2VLConfig(text_config={"num_hidden_layers": 3, "vocab_size": 100}, **fields)
+    config = config_class(text_config={"num_hidden_layers": 3, "vocab_size": 100}, **fields)
     config.save_pretrained(tmp_path)
-    loaded = VedasQwen2VLConfig.from_pretrained(tmp_path)
+    loaded = config_class.from_pretrained(tmp_path)
     for name, value in fields.items():
         assert getattr(loaded, name) == value, name
 
@@ -179,12 +178,12 @@ def test_every_config_field_round_trips(tmp_path):
 # ---- router semantics --------------------------------------------------------------------------------------------
 
 
-def test_cosine_schedule_values_follow_eq15():
+def test_cosine_schedule_values_follow_eq15(config_class):
     values = [cosine_alpha(layer, 4, 64, 16) for layer in range(4)]
     assert values == [64, 57, 40, 23]
-    config = VedasQwen2VLConfig(text_config={"num_hidden_layers": 4, "vocab_size": 100}, router_schedule="cosine")
+    config = config_class(text_config={"num_hidden_layers": 4, "vocab_size": 100}, router_schedule="cosine")
     assert [config.router_alpha(layer) for layer in range(4)] == values
-    fixed = VedasQwen2VLConfig(text_config={"num_hidden_layers": 4, "vocab_size": 100}, router_top_k=9)
+    fixed = config_class(text_config={"num_hidden_layers": 4, "vocab_size": 100}, router_top_k=9)
     assert [fixed.router_alpha(layer) for layer in range(4)] == [9, 9, 9, 9]
 
 
@@ -206,9 +205,9 @@ def test_top_alpha_never_selects_padding():
     assert index[0][valid[0]].tolist() == [4] and index[1][valid[1]].tolist() == [0]
 
 
-def test_gate_at_zero_equals_model_without_routers(vedas_dir, processor, images):
-    routed = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir).eval()
-    plain = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir, router_layers="none").eval()
+def test_gate_at_zero_equals_model_without_routers(vedas_dir, processor, images, vedas_class):
+    routed = vedas_class.from_pretrained(vedas_dir).eval()
+    plain = vedas_class.from_pretrained(vedas_dir, router_layers="none").eval()
     config = routed.config
     batch = make_batch(processor, ["Is it round?", "How many?"], [[images[0]], [images[2]]])
     seq = latent_sequence(processor, batch, config, 2, [40, 41, 42])
@@ -222,8 +221,8 @@ def test_gate_at_zero_equals_model_without_routers(vedas_dir, processor, images)
     assert (a - c).abs().max().item() > 1e-3
 
 
-def test_nonzero_gate_changes_only_selected_tokens(vedas_dir):
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir).eval()
+def test_nonzero_gate_changes_only_selected_tokens(vedas_dir, vedas_class):
+    model = vedas_class.from_pretrained(vedas_dir).eval()
     randomize_gates(model)
     layer = next(l for l in model.model.language_model.layers if l.router is not None)
     text = model.model.language_model
@@ -246,8 +245,8 @@ def test_nonzero_gate_changes_only_selected_tokens(vedas_dir):
     assert not changed[1, :3].any()
 
 
-def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, processor, images):
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir).eval()
+def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, processor, images, vedas_class):
+    model = vedas_class.from_pretrained(vedas_dir).eval()
     randomize_gates(model)
     config = model.config
     batch = make_batch(processor, ["Which is larger?"], [[images[1]]])
@@ -283,18 +282,18 @@ def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, process
         ({"latent_token_id": 10_000}, "latent_token_id=10000"),
     ],
 )
-def test_config_rejects_bad_fields(fields, message):
+def test_config_rejects_bad_fields(fields, message, config_class):
     with pytest.raises(ValueError, match=message):
-        VedasQwen2VLConfig(text_config={"num_hidden_layers": 4, "vocab_size": 100}, image_token_id=90, **fields)
+        config_class(text_config={"num_hidden_layers": 4, "vocab_size": 100}, image_token_id=90, **fields)
 
 
-def test_latent_token_clashing_with_image_token_is_rejected():
+def test_latent_token_clashing_with_image_token_is_rejected(config_class):
     with pytest.raises(ValueError, match="image_token_id"):
-        VedasQwen2VLConfig(text_config={"vocab_size": 100}, image_token_id=7, latent_token_id=7)
+        config_class(text_config={"vocab_size": 100}, image_token_id=7, latent_token_id=7)
 
 
-def test_recon_window_larger_than_grid_is_a_clear_error(vedas_dir, processor, images):
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(vedas_dir, recon_window=50).train()
+def test_recon_window_larger_than_grid_is_a_clear_error(vedas_dir, processor, images, vedas_class):
+    model = vedas_class.from_pretrained(vedas_dir, recon_window=50).train()
     batch = make_batch(processor, ["Shape?"], [[images[0]]])
     seq = latent_sequence(processor, batch, model.config, 1, [40])
     with pytest.raises(ValueError, match="recon_window=50"):

@@ -1,6 +1,6 @@
-"""Convert a stock Qwen2-VL checkpoint folder into a Hub-ready Vedas folder.
+"""Convert a stock Qwen2-VL or Qwen2.5-VL checkpoint folder into a Hub-ready Vedas folder.
 
-    python -m vedas_hf.convert SRC DST [--overwrite] [--set num_latent_steps=4 --set router_layers=odd ...]
+    python -m vedas_hf.convert SRC DST [--backbone auto] [--overwrite] [--set num_latent_steps=4 --set router_layers=odd ...]
 
 The result holds the Vedas config (with `auto_map`), safetensors weights (stock weights unchanged, new router /
 gate / TokenSR modules initialised, gates at zero), the modeling code files, the processor with the three latent
@@ -17,7 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from . import VedasQwen2VLConfig, VedasQwen2VLForConditionalGeneration
+from . import (
+    VedasQwen2_5_VLConfig,
+    VedasQwen2_5_VLForConditionalGeneration,
+    VedasQwen2VLConfig,
+    VedasQwen2VLForConditionalGeneration,
+)
 
 
 LATENT_TOKENS = {
@@ -25,7 +30,12 @@ LATENT_TOKENS = {
     "latent_token_id": "<|latent|>",
     "end_latent_token_id": "<|end-latent|>",
 }
-SUPPORTED_BACKBONES = ("qwen2_vl",)
+# stock model_type -> (Vedas config class, Vedas model class, display name)
+BACKBONES = {
+    "qwen2_vl": (VedasQwen2VLConfig, VedasQwen2VLForConditionalGeneration, "Qwen2-VL"),
+    "qwen2_5_vl": (VedasQwen2_5_VLConfig, VedasQwen2_5_VLForConditionalGeneration, "Qwen2.5-VL"),
+}
+SUPPORTED_BACKBONES = tuple(BACKBONES)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool):
@@ -37,10 +47,19 @@ def _check_paths(src: Path, dst: Path, overwrite: bool):
         raise ValueError(f"Target folder {dst} is not empty; choose an empty folder or pass overwrite=True (--overwrite).")
 
 
-def _stock_config_kwargs(src: Path) -> dict:
-    model_type = json.loads((src / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_BACKBONES:
+def detect_backbone(src, backbone: str = "auto") -> str:
+    """The stock backbone (`model_type`) of the checkpoint folder `src`, checked against `backbone` unless "auto"."""
+    if backbone != "auto" and backbone not in BACKBONES:
+        raise ValueError(f"Unknown backbone={backbone!r}; use 'auto' or one of {SUPPORTED_BACKBONES}.")
+    model_type = json.loads((Path(src) / "config.json").read_text()).get("model_type")
+    if model_type not in BACKBONES:
         raise ValueError(f"Unknown backbone model_type={model_type!r} in {src}; supported: {SUPPORTED_BACKBONES}.")
+    if backbone != "auto" and backbone != model_type:
+        raise ValueError(f"backbone={backbone!r} but {src} holds a {model_type!r} checkpoint; pass --backbone auto.")
+    return model_type
+
+
+def _stock_config_kwargs(src: Path) -> dict:
     config = AutoConfig.from_pretrained(src)
     kwargs = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
@@ -82,13 +101,15 @@ def convert_checkpoint(
     overwrite: bool = False,
     init_token: str | None = None,
     dtype: torch.dtype | None = None,
+    backbone: str = "auto",
     **config_overrides,
 ) -> str:
-    """Convert the stock Qwen2-VL checkpoint `src` into a Vedas checkpoint written to `dst`.
+    """Convert the stock Qwen2-VL / Qwen2.5-VL checkpoint `src` into a Vedas checkpoint written to `dst`.
 
     Args:
         src: stock checkpoint folder (config.json, safetensors, processor/tokenizer files).
         dst: target folder; must be empty unless `overwrite`.
+        backbone: `"auto"` (read `model_type` from `src`), `"qwen2_vl"` or `"qwen2_5_vl"` (checked against `src`).
         init_token: token whose embedding initialises the latent tokens (default: the tokenizer's eos token).
         dtype: load/save dtype (default: the checkpoint's).
         config_overrides: Vedas config fields, e.g. `num_latent_steps=4, router_layers="odd"`.
@@ -97,6 +118,7 @@ def convert_checkpoint(
     """
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
+    config_class, model_class, backbone_name = BACKBONES[detect_backbone(src, backbone)]
     stock_kwargs = _stock_config_kwargs(src)
     processor = AutoProcessor.from_pretrained(src)
     tokenizer = processor.tokenizer
@@ -108,8 +130,8 @@ def convert_checkpoint(
             f"Adding the latent tokens grows the tokenizer to {len(tokenizer)} > vocab_size {vocab_size}; "
             "resize the checkpoint's embeddings first."
         )
-    config = VedasQwen2VLConfig(**{**stock_kwargs, **token_ids, **config_overrides})
-    model = VedasQwen2VLForConditionalGeneration.from_pretrained(src, config=config, dtype=dtype)
+    config = config_class(**{**stock_kwargs, **token_ids, **config_overrides})
+    model = model_class.from_pretrained(src, config=config, dtype=dtype)
     new_ids = [token_ids[f] for f, t in LATENT_TOKENS.items() if t not in existing]
     if new_ids:
         init_token = init_token or tokenizer.eos_token
@@ -120,22 +142,22 @@ def convert_checkpoint(
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     processor.save_pretrained(dst)
-    (dst / "README.md").write_text(model_card(src.name, config))
+    (dst / "README.md").write_text(model_card(src.name, config, backbone_name))
     return str(dst)
 
 
-def model_card(base_name: str, config: VedasQwen2VLConfig) -> str:
+def model_card(base_name: str, config, backbone_name: str = "Qwen2-VL") -> str:
     """A short model card with the usage snippet."""
     settings = {k: getattr(config, k) for k in ("num_latent_steps", "replay_mode", "replay_top_k", "router_layers",
                                                    "router_top_k", "router_depth", "recon_window")}
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [vedas, latent-reasoning, qwen2-vl]
+tags: [vedas, latent-reasoning, {backbone_name.lower()}]
 ---
 # Vedas latent reasoning on {base_name}
 
-Converted with `python -m vedas_hf.convert` from a stock Qwen2-VL checkpoint: Routing Depth Scaling routers (gates
+Converted with `python -m vedas_hf.convert` from a stock {backbone_name} checkpoint: Routing Depth Scaling routers (gates
 at zero, so the untrained model equals the stock one), visual replay, and the latent tokens
 `<|start-latent|>`, `<|latent|>`, `<|end-latent|>`. Settings: `{json.dumps(settings)}`.
 
@@ -164,8 +186,10 @@ def _parse_value(text: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="stock Qwen2-VL checkpoint folder")
+    parser.add_argument("src", help="stock Qwen2-VL or Qwen2.5-VL checkpoint folder")
     parser.add_argument("dst", help="target folder (must be empty unless --overwrite)")
+    parser.add_argument("--backbone", default="auto", choices=("auto", *SUPPORTED_BACKBONES),
+                        help="stock backbone of SRC (default: read from its config.json)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty target folder")
     parser.add_argument("--init-token", default=None, help="token whose embedding initialises the latent tokens")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -177,7 +201,8 @@ def main(argv=None):
             parser.error(f"--set {item!r} must look like FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key] = _parse_value(value)
-    out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, init_token=args.init_token, **overrides)
+    out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, init_token=args.init_token,
+                             backbone=args.backbone, **overrides)
     print(f"Wrote Vedas checkpoint to {os.path.abspath(out)}")
 
 

@@ -30,6 +30,9 @@ from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -261,8 +264,10 @@ def build_tiny_processor(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     temporal_patch_size: int = 2,
+    backbone: str = "qwen2_vl",
 ) -> Qwen2VLProcessor:
-    """A tiny, offline `Qwen2VLProcessor`: `build_tiny_tokenizer` + stock Qwen2-VL image and video processors.
+    """A tiny, offline `Qwen2VLProcessor` (`Qwen2_5_VLProcessor` for `backbone="qwen2_5_vl"`): `build_tiny_tokenizer`
+    + stock Qwen2-VL image and video processors.
 
     Images are resized (keeping the aspect ratio) to multiples of `patch_size * merge_size` with a pixel count in
     `[min_pixels, max_pixels]`. The defaults, `(2 * patch_size * merge_size) ** 2` and `(16 * patch_size) ** 2`
@@ -279,6 +284,7 @@ def build_tiny_processor(
         min_pixels: smallest resized image area; default above.
         max_pixels: largest resized image area; default above.
         temporal_patch_size: temporal patch size (`vision_config.temporal_patch_size`).
+        backbone: `"qwen2_vl"` or `"qwen2_5_vl"` (the processor class).
 
     Raises:
         ValueError: on a non-positive size or `max_pixels < min_pixels`.
@@ -293,12 +299,37 @@ def build_tiny_processor(
         "temporal_patch_size": temporal_patch_size,
     }
     tokenizer = build_tiny_tokenizer(add_latent_tokens=add_latent_tokens, padding_side="left")
-    return Qwen2VLProcessor(
+    processor_class = _backbone(backbone)[2]
+    return processor_class(
         image_processor=Qwen2VLImageProcessor(**copy.deepcopy(sizes)),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**copy.deepcopy(sizes), **_video_only_kwargs()),
         chat_template=TINY_CHAT_TEMPLATE,
     )
+
+
+_BACKBONES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+}
+BACKBONES = tuple(_BACKBONES)
+
+
+def _backbone(name: str) -> tuple:
+    """(stock config class, stock model class, processor class) of a backbone name."""
+    if name not in _BACKBONES:
+        raise ValueError(f"Unknown backbone={name!r}; use one of {BACKBONES}.")
+    return _BACKBONES[name]
+
+
+def _tiny_vision_defaults(backbone: str) -> dict:
+    """Tiny vision tower: depth 2, width 32, 2 heads, 4x4 patches merged 2x2. For Qwen2.5-VL the window
+    attention covers 16x16 pixels (2x2 merged tokens) in block 0 and block 1 attends globally, so both paths run."""
+    shared = {"depth": 2, "num_heads": 2, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "in_channels": 3}
+    if backbone == "qwen2_5_vl":
+        return {**shared, "hidden_size": 32, "intermediate_size": 64, "window_size": 16, "fullatt_block_indexes": [1]}
+    return {**shared, "embed_dim": 32, "mlp_ratio": 2}
 
 
 def _deep_merge(base: dict, overrides: dict) -> dict:
@@ -348,8 +379,9 @@ def _vocab_size(tokenizer) -> int:
     return 8 * math.ceil(needed / 8)
 
 
-def tiny_qwen2_vl_config_dict(tokenizer, **overrides: Any) -> dict:
-    """Keyword arguments for a tiny stock `transformers.Qwen2VLConfig` matching `tokenizer`.
+def tiny_qwen2_vl_config_dict(tokenizer, backbone: str = "qwen2_vl", **overrides: Any) -> dict:
+    """Keyword arguments for a tiny stock `transformers.Qwen2VLConfig` (`Qwen2_5_VLConfig` for
+    `backbone="qwen2_5_vl"`, whose vision tower is described in `_tiny_vision_defaults`) matching `tokenizer`.
 
     Defaults: language model with hidden size 64, 4 layers, 4 attention heads, 2 key/value heads (head size 16),
     intermediate size 128, `max_position_embeddings` 2048, M-RoPE sections [2, 3, 3]; vision tower with depth 2,
@@ -369,6 +401,7 @@ def tiny_qwen2_vl_config_dict(tokenizer, **overrides: Any) -> dict:
         ValueError: when the tokenizer lacks a Qwen2-VL special token or the text shapes are inconsistent.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    _backbone(backbone)
     defaults = {
         "text_config": {
             "vocab_size": _vocab_size(tokenizer),
@@ -383,16 +416,7 @@ def tiny_qwen2_vl_config_dict(tokenizer, **overrides: Any) -> dict:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        "vision_config": {
-            "depth": 2,
-            "embed_dim": 32,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
+        "vision_config": _tiny_vision_defaults(backbone),
         "image_token_id": _token_id(tokenizer, IMAGE_TOKEN),
         "video_token_id": _token_id(tokenizer, VIDEO_TOKEN),
         "vision_start_token_id": _token_id(tokenizer, VISION_START_TOKEN),
@@ -403,23 +427,27 @@ def tiny_qwen2_vl_config_dict(tokenizer, **overrides: Any) -> dict:
     text, vision = config["text_config"], config["vision_config"]
     rope = text.setdefault("rope_parameters", {})
     rope.setdefault("mrope_section", _mrope_section(_text_head_dim(text)))
-    vision.setdefault("hidden_size", text["hidden_size"])
+    vision.setdefault("out_hidden_size" if backbone == "qwen2_5_vl" else "hidden_size", text["hidden_size"])
     return config
 
 
-def _processor_for_config(config: dict, add_latent_tokens: bool) -> Qwen2VLProcessor:
+def _processor_for_config(config: dict, add_latent_tokens: bool, backbone: str = "qwen2_vl") -> Qwen2VLProcessor:
     """`build_tiny_processor` with the patch sizes of `config["vision_config"]`."""
     vision = config["vision_config"]
     return build_tiny_processor(
         add_latent_tokens=add_latent_tokens,
+        backbone=backbone,
         patch_size=vision["patch_size"],
         merge_size=vision["spatial_merge_size"],
         temporal_patch_size=vision["temporal_patch_size"],
     )
 
 
-def make_tiny_stock_checkpoint(path, seed: int = 0, add_latent_tokens: bool = False, **config_overrides: Any) -> str:
-    """Write a complete, randomly initialised stock `Qwen2VLForConditionalGeneration` checkpoint folder.
+def make_tiny_stock_checkpoint(
+    path, seed: int = 0, add_latent_tokens: bool = False, backbone: str = "qwen2_vl", **config_overrides: Any
+) -> str:
+    """Write a complete, randomly initialised stock `Qwen2VLForConditionalGeneration` checkpoint folder
+    (`Qwen2_5_VLForConditionalGeneration` for `backbone="qwen2_5_vl"`).
 
     The folder holds `config.json`, `generation_config.json`, `model.safetensors` (float32), the tokenizer files,
     the image/video processor configs and the chat template; it loads offline with
@@ -432,16 +460,18 @@ def make_tiny_stock_checkpoint(path, seed: int = 0, add_latent_tokens: bool = Fa
         seed: torch seed for the weight initialisation.
         add_latent_tokens: put the three Vedas latent tokens in the tokenizer (a stock Qwen2-VL has none; the
             embeddings have room for them either way).
+        backbone: `"qwen2_vl"` or `"qwen2_5_vl"`.
         config_overrides: passed to `tiny_qwen2_vl_config_dict`; the processor follows the vision patch sizes.
 
     Returns:
         `path` as a string.
     """
     tokenizer = build_tiny_tokenizer(add_latent_tokens=add_latent_tokens)
-    config_kwargs = tiny_qwen2_vl_config_dict(tokenizer, **config_overrides)
-    processor = _processor_for_config(config_kwargs, add_latent_tokens)
+    config_class, model_class, _ = _backbone(backbone)
+    config_kwargs = tiny_qwen2_vl_config_dict(tokenizer, backbone=backbone, **config_overrides)
+    processor = _processor_for_config(config_kwargs, add_latent_tokens, backbone)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config_kwargs))
+    model = model_class(config_class(**config_kwargs))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -449,12 +479,16 @@ def make_tiny_stock_checkpoint(path, seed: int = 0, add_latent_tokens: bool = Fa
     return str(path)
 
 
-def make_tiny_checkpoint(path, seed: int = 0, stock_overrides: dict | None = None, **vedas_overrides: Any) -> str:
-    """Write a tiny Vedas checkpoint: `make_tiny_stock_checkpoint(seed=seed, **stock_overrides)` converted with
-    `vedas_hf.convert.convert_checkpoint` (new Vedas modules initialised after `torch.manual_seed(seed)`).
+def make_tiny_checkpoint(
+    path, backbone: str = "qwen2_vl", seed: int = 0, stock_overrides: dict | None = None, **vedas_overrides: Any
+) -> str:
+    """Write a tiny Vedas checkpoint: `make_tiny_stock_checkpoint(seed=seed, backbone=backbone, **stock_overrides)`
+    converted with `vedas_hf.convert.convert_checkpoint` (new Vedas modules initialised after
+    `torch.manual_seed(seed)`).
 
     Args:
         path: target folder (created if missing; overwritten if not empty).
+        backbone: `"qwen2_vl"` or `"qwen2_5_vl"`.
         seed: torch seed for the stock weights and the new Vedas modules.
         stock_overrides: backbone sizes for `tiny_qwen2_vl_config_dict`, e.g.
             `{"text_config": {"hidden_size": 128}, "vision_config": {"patch_size": 2}}`.
@@ -466,7 +500,9 @@ def make_tiny_checkpoint(path, seed: int = 0, stock_overrides: dict | None = Non
     from .convert import convert_checkpoint
 
     with tempfile.TemporaryDirectory() as stock_dir:
-        make_tiny_stock_checkpoint(os.path.join(stock_dir, "stock"), seed=seed, **(stock_overrides or {}))
+        make_tiny_stock_checkpoint(
+            os.path.join(stock_dir, "stock"), seed=seed, backbone=backbone, **(stock_overrides or {})
+        )
         torch.manual_seed(seed)
         return convert_checkpoint(os.path.join(stock_dir, "stock"), path, overwrite=True, **vedas_overrides)
 

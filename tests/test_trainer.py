@@ -181,3 +181,17 @@ def test_two_process_accelerate_launch(tiny_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+def test_qwen2_5_vl_backbone_trains_through_the_curriculum(records, tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "init", backbone="qwen2_5_vl", seed=0, replay_top_k=4, router_top_k=6,
+                                num_latent_steps=2)
+    model, processor = load(path)
+    assert type(model).__name__ == "VedasQwen2_5_VLForConditionalGeneration"
+    args = make_args(tmp_path / "out", num_train_epochs=4, epochs_per_stage=1)
+    trainer = VedasSFTTrainer(model=model, args=args, train_dataset=records[:16], processing_class=processor)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "ce_loss" in log]
+    assert [log["stage"] for log in logs] == [0.0] * 2 + [1.0] * 2 + [2.0] * 4
+    assert all(log["recon_loss"] > 0 for log in logs if log["stage"] > 0)
+    assert logs[-1]["ce_loss"] < logs[0]["ce_loss"]

@@ -701,7 +701,11 @@ class VedasForConditionalGenerationMixin:
             [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
         """
         latent_id = self.config.latent_token_id
-        if input_ids is None or latent_id is None or not bool((input_ids == latent_id).any()):
+        has_latents = input_ids is not None and latent_id is not None and bool((input_ids == latent_id).any())
+        if has_latents or pixel_values is not None:  # a prefill or a latent sequence; decoding steps skip the checks
+            check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                               mm_token_type_ids, labels)
+        if not has_latents:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, pixel_values=pixel_values,
@@ -774,6 +778,8 @@ class VedasForConditionalGenerationMixin:
         steps = self.config.num_latent_steps if num_latent_steps is None else num_latent_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
+        if input_ids is not None:
+            check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         stock_inputs = dict(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
@@ -816,6 +822,11 @@ class VedasForConditionalGenerationMixin:
     def _check_generate_inputs(self, input_ids, attention_mask, kwargs):
         if input_ids is None:
             raise ValueError("Latent generation needs `input_ids` (processor output); got None.")
+        if self.config.latent_token_id is not None and bool((input_ids == self.config.latent_token_id).any()):
+            raise ValueError(
+                f"The prompt holds <|latent|> tokens (id {self.config.latent_token_id}); generate inserts the latent "
+                "steps itself: pass the prompt only and set num_latent_steps."
+            )
         if self.config.end_latent_token_id is None:
             raise ValueError(
                 "config.end_latent_token_id is None: latent generation needs the latent tokens; convert the "
@@ -897,6 +908,80 @@ class VedasQwen2_5_VLForConditionalGeneration(VedasForConditionalGenerationMixin
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: latent block, visual layout, window search, (un)patchify
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(name, tensor, input_ids):
+    if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but input_ids has {tuple(input_ids.shape)}; pass the processor "
+            "outputs of one call together."
+        )
+
+
+def _check_images(config, input_ids, pixel_values, image_grid_thw):
+    """`pixel_values` `(patches, C*Tp*P*P)` and `image_grid_thw` `(images, 3)` agree with each other, the vision
+    config and the image placeholders in `input_ids`."""
+    vision = config.vision_config
+    image_tokens = int((input_ids == config.image_token_id).sum())
+    if pixel_values is None:
+        if image_tokens:
+            raise ValueError(
+                f"input_ids hold {image_tokens} image tokens (id {config.image_token_id}) but pixel_values is None; "
+                "pass the processor's pixel_values and image_grid_thw."
+            )
+        return
+    if image_grid_thw is None:
+        raise ValueError("pixel_values was given without image_grid_thw; pass both from the processor.")
+    if image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3 or image_grid_thw.is_floating_point():
+        raise ValueError(
+            f"image_grid_thw must be an integer tensor of shape (num_images, 3), got {tuple(image_grid_thw.shape)} "
+            f"{image_grid_thw.dtype}."
+        )
+    merge = vision.spatial_merge_size
+    grids = image_grid_thw.tolist()
+    for index, (t, h, w) in enumerate(grids):
+        if t < 1 or h < merge or w < merge or h % merge or w % merge:
+            raise ValueError(
+                f"image_grid_thw[{index}]={[t, h, w]}: every image needs t >= 1 and h, w multiples of "
+                f"spatial_merge_size={merge} (an image smaller than one merged patch, "
+                f"{merge * vision.patch_size}px, cannot be encoded); resize it with the processor."
+            )
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    rows = sum(t * h * w for t, h, w in grids)
+    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (rows, width):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw describes ({rows}, {width}) "
+            "patch rows; pass the processor outputs of one call together."
+        )
+    if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values must be finite floats (found NaN/inf or an integer dtype); check the images.")
+    expected = rows // merge**2
+    if image_tokens != expected:
+        raise ValueError(
+            f"input_ids hold {image_tokens} image tokens but image_grid_thw describes {len(grids)} images with "
+            f"{expected} merged patches; every image needs one <|image_pad|> per merged patch (use the processor)."
+        )
+
+
+def check_model_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       mm_token_type_ids=None, labels=None):
+    """Raise a `ValueError` naming the value for malformed processor outputs (shapes, dtypes, ids out of the
+    vocabulary, images that do not match their placeholders, non-finite pixels) before they reach torch."""
+    if input_ids is None:
+        return
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got {shape}.")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: an empty batch or an empty prompt.")
+    vocab_size = config.text_config.vocab_size
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids hold id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size}).")
+    for name, tensor in (("attention_mask", attention_mask), ("mm_token_type_ids", mm_token_type_ids),
+                         ("labels", labels)):
+        _check_same_shape(name, tensor, input_ids)
+    _check_images(config, input_ids, pixel_values, image_grid_thw)
 
 
 def latent_block(input_ids, attention_mask, latent_id):
@@ -1052,6 +1137,7 @@ __all__ = [
     "VedasRouterCache",
     "TokenSR",
     "VedasCausalLMOutput",
+    "check_model_inputs",
     "densest_window",
     "image_layout",
     "latent_block",

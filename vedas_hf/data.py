@@ -123,6 +123,33 @@ def from_scienceqa(record: dict, index: int) -> dict:
     return {"image": record.get("image"), "question": question, "rationale": rationale, "answer": answer}
 
 
+def _read_json_records(path: Path) -> list:
+    """Records of a `.json` (a list) or `.jsonl` (one object per line) file; `ValueError` naming the file and the
+    line for text that is not UTF-8 or not JSON."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {error.start}); re-encode the file.") from None
+    if path.suffix != ".jsonl":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: invalid JSON at line {error.lineno} ({error.msg}).") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}.")
+        return records
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}).") from None
+    return records
+
+
 def load_records(source, adapter=None) -> list[dict]:
     """Records from a `.json` / `.jsonl` path, a list of dicts or a `datasets.Dataset`; `adapter(record, index)`
     maps each to the canonical schema. Relative image paths are resolved against the file's folder."""
@@ -132,11 +159,10 @@ def load_records(source, adapter=None) -> list[dict]:
         if not path.is_file():
             raise ValueError(f"Dataset file {str(path)!r} does not exist.")
         base_dir = path.parent
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            source = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            source = json.loads(text)
+        source = _read_json_records(path)
+    for index, record in enumerate(source):
+        if not isinstance(record, dict):
+            raise ValueError(f"Record {index}: expected a dict (JSON object), got {type(record).__name__}.")
     records = [adapter(dict(r), i) if adapter else dict(r) for i, r in enumerate(source)]
     if base_dir is not None:
         for record in records:

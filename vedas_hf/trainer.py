@@ -10,13 +10,17 @@ passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` ar
 
 import math
 import os
+import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
 from transformers import TrainerCallback
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.trainer import _is_peft_model
+from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
@@ -49,6 +53,9 @@ class VedasSFTConfig(SFTConfig):
             Surround latents with `<|start-latent|>` / `<|end-latent|>` (needed by `generate`).
         max_reasoning_steps (`int`, *optional*, defaults to `4`):
             A `rationale` is split on blank lines into at most this many steps (paper fig. 3).
+        save_on_sigterm (`bool`, *optional*, defaults to `True`):
+            On SIGTERM (preemption, `kill`, a scheduler's time limit) finish the current optimizer step, save a
+            checkpoint and stop, so `resume_from_checkpoint=True` continues exactly there.
     """
 
     gradient_checkpointing: bool = field(
@@ -64,6 +71,7 @@ class VedasSFTConfig(SFTConfig):
     pad_latent_to_max: bool = field(default=True, metadata={"help": "Always use `stage` latents."})
     use_latent_markers: bool = field(default=True, metadata={"help": "Wrap latents in start/end markers."})
     max_reasoning_steps: int = field(default=4, metadata={"help": "Max steps when splitting a rationale."})
+    save_on_sigterm: bool = field(default=True, metadata={"help": "Save a checkpoint and stop on SIGTERM."})
 
     def __post_init__(self):
         # The dataset is built per stage on the fly and batched by VedasDataCollator; TRL must not tokenize it or drop
@@ -151,6 +159,32 @@ class CurriculumCallback(TrainerCallback):
         return control
 
 
+class SaveOnSigtermCallback(TrainerCallback):
+    """Turns SIGTERM into "save a checkpoint after this optimizer step, then stop" (main thread only)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 class VedasSFTTrainer(SFTTrainer):
     """[`~trl.SFTTrainer`] for Vedas latent reasoning.
 
@@ -173,6 +207,8 @@ class VedasSFTTrainer(SFTTrainer):
         if eval_dataset is not None:
             eval_dataset, _ = curriculum_dataset(eval_dataset, processing_class, args, stage=self.eval_stage)
         self.curriculum_callback = CurriculumCallback(renderers, args)
+        extra_callbacks = [SaveOnSigtermCallback()] if args.save_on_sigterm else []
+        self._staging_dir = None
         super().__init__(
             model=model,
             args=args,
@@ -180,7 +216,7 @@ class VedasSFTTrainer(SFTTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             data_collator=data_collator or VedasDataCollator(processing_class),
-            callbacks=[self.curriculum_callback, *(callbacks or [])],
+            callbacks=[self.curriculum_callback, *extra_callbacks, *(callbacks or [])],
             **kwargs,
         )
         # The model's loss is a per-token mean; let Trainer scale it for gradient accumulation.
@@ -207,6 +243,49 @@ class VedasSFTTrainer(SFTTrainer):
 
     def _gathered_mean(self, value: torch.Tensor) -> float:
         return self.accelerator.gather_for_metrics(value.detach().reshape(1)).float().mean().item()
+
+    # ---- checkpoints: atomic, no pickles ---------------------------------------------------------------------
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Stock save, but the training arguments go to `training_args.json` instead of a pickled
+        `training_args.bin`, so model folders hold no pickle (and `vedas_hf.push` accepts them)."""
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if self.args.should_save and os.path.isfile(pickled):
+            os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+                f.write(self.args.to_json_string())
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `checkpoint-N` atomically: everything goes to `<output_dir>/.staging/checkpoint-N`, which is renamed
+        into place once complete, so a crash while saving leaves the previous checkpoints untouched and never a
+        half-written one that `resume_from_checkpoint=True` would pick."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, ".staging")
+        if self.args.should_save and os.path.isdir(os.path.join(staging_root, name)):
+            shutil.rmtree(os.path.join(staging_root, name))  # leftover of an earlier crash
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):  # re-saving a step (e.g. after resume): keep the old one until the swap
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume full-model weights through the model's key conversion.
@@ -261,4 +340,4 @@ def vedas_lora_config(r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0
     )
 
 
-__all__ = ["CurriculumCallback", "StageRenderer", "curriculum_dataset", "VedasSFTConfig", "VedasSFTTrainer", "vedas_lora_config"]
+__all__ = ["CurriculumCallback", "SaveOnSigtermCallback", "StageRenderer", "curriculum_dataset", "VedasSFTConfig", "VedasSFTTrainer", "vedas_lora_config"]

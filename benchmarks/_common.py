@@ -288,7 +288,7 @@ class NaiveReference:
         active = torch.ones(batch, dtype=torch.bool, device=ids.device)
         embeds, chunks, eligible = prompt_embeds, [(0, prompt_len)], mask.bool()
         hidden, saliency = self._pass(embeds, mask, prompt_positions, chunks, eligible)
-        latent_columns, recon = [], []
+        latent_columns, selections = [], []
         for _ in range(steps):
             latent = hidden[:, -1:].to(prompt_embeds.dtype)
             chunk, valid = latent, active[:, None]
@@ -299,8 +299,7 @@ class NaiveReference:
                 chunk = torch.cat([tokens, latent], dim=1)
                 valid = torch.cat([tokens_valid, active[:, None]], dim=1)
                 visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
-                if compute_recon and pixel_values is not None:
-                    recon.append(model._reconstruction_loss(pooled, index, index_valid, ids, grid, pixel_values))
+                selections.append({"index": index, "valid": index_valid, "pooled": pooled})
             chunks = chunks + [(embeds.shape[1], embeds.shape[1] + chunk.shape[1])]
             embeds = torch.cat([embeds, chunk], dim=1)
             mask = torch.cat([mask, valid.long()], dim=1)
@@ -308,6 +307,9 @@ class NaiveReference:
             latent_columns.append(embeds.shape[1] - 1)
             positions = self._positions(prompt_positions, mask, prompt_len, deltas)
             hidden, saliency = self._pass(embeds, mask, positions, chunks, eligible)
+        recon = []
+        if compute_recon and pixel_values is not None and selections:
+            recon = model._reconstruction_losses(selections, ids, grid, pixel_values)
         return NaiveState(embeds, mask, eligible, chunks, prompt_positions, deltas, prompt_len, latent_columns,
                           recon, hidden)
 

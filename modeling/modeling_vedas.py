@@ -221,8 +221,10 @@ class VedasDecoderLayerMixin:
         query = query.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
         cos, sin = position_embeddings
         query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
-        keys = repeat_kv(cache.layers[self.layer_idx].keys, attn.num_key_value_groups)  # (B, H, P, hd)
-        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, P)
+        keys = cache.layers[self.layer_idx].keys  # (B, Hkv, P, hd), read in place (no repeat / upcast copies)
+        groups = attn.num_key_value_groups
+        query = query.reshape(batch, keys.shape[1], groups, attn.head_dim).to(keys.dtype)  # (B, Hkv, G, hd)
+        logits = (query @ keys.transpose(-1, -2)).float().flatten(1, 2) * attn.scaling  # (B, H, P)
         logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
         return logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=1)
 
@@ -428,7 +430,8 @@ class ImplicitPhase:
         last_hidden: `(batch, hidden)` hidden state of the last processed token.
         rope_deltas: `(batch, 1)` M-RoPE offset of the prompt (positions after it are cumsum(mask) - 1 + delta).
         inserted: `(batch, inserted_len)` long mask of the inserted tokens (replay + latents), in cache order.
-        trace: per step dicts with `index` `(batch, K)` visual-token indices and `valid` `(batch, K)`.
+        trace: per step dicts with `index` `(batch, K)` visual-token indices, `valid` `(batch, K)` and `pooled`
+            `(batch, hidden)` = Pool(B(t)) (the TokenSR input).
         recon_losses: per step scalar losses (training with `pixel_values`).
     """
 
@@ -518,9 +521,10 @@ class VedasForConditionalGenerationMixin:
         )
         return out.last_hidden_state
 
-    def _routed_pass(self, embeds, positions, full_mask, cache, router_cache, eligible, chunks, chunk_index):
+    def _routed_pass(self, embeds, positions, full_mask, cache, router_cache, eligible, chunks, chunk_index,
+                     capture_saliency=True):
         """A routed (implicit-phase) pass over one or several chunks; returns hidden states and the saliency
-        `(batch, cached_len)` of the last token."""
+        `(batch, cached_len)` of the last token (`None` without `capture_saliency`)."""
         vedas_pass = VedasPass(
             key_mask=full_mask.bool(),
             eligible=eligible,
@@ -529,9 +533,10 @@ class VedasForConditionalGenerationMixin:
             router_cache=router_cache,
             config=self.config,
             rotary_emb=self.model.language_model.rotary_emb,
+            capture_saliency=capture_saliency,
         )
         hidden = self._language_pass(embeds, positions, full_mask, cache, vedas_pass)
-        return hidden, vedas_pass.mean_saliency()
+        return hidden, vedas_pass.mean_saliency() if capture_saliency else None
 
     # ---- visual replay (eqs. 4-6) ---------------------------------------------------------------------------
 
@@ -581,9 +586,11 @@ class VedasForConditionalGenerationMixin:
         positions, rope_deltas = self._prompt_positions(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         cache = DynamicCache(config=config.text_config)
         router_cache = VedasRouterCache()
+        steps = step_active.shape[1]
+        replay = config.replay_mode != "none"
         prompt_hidden, saliency = self._routed_pass(
             prompt_embeds, positions, attention_mask, cache, router_cache,
-            attention_mask.bool(), [(0, input_ids.shape[1])], 0,
+            attention_mask.bool(), [(0, input_ids.shape[1])], 0, capture_saliency=replay and steps > 0,
         )
 
         visual_pos, visual_valid = _visual_positions(input_ids == config.image_token_id)
@@ -602,21 +609,19 @@ class VedasForConditionalGenerationMixin:
                 chunk = torch.cat([tokens, latent], dim=1)
                 chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
                 visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
-                trace.append({"index": index, "valid": index_valid})
-                if compute_recon and pixel_values is not None:
-                    recon_losses.append(
-                        self._reconstruction_loss(pooled, index, index_valid, input_ids, image_grid_thw, pixel_values)
-                    )
+                trace.append({"index": index, "valid": index_valid, "pooled": pooled})
             chunk_mask = chunk_valid.long()
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
             chunk_positions = self._positions_after_prompt(full_mask, chunk.shape[1], rope_deltas)
             hidden, saliency = self._routed_pass(
                 chunk, chunk_positions, full_mask, cache, router_cache,
-                chunk_valid, [(0, chunk.shape[1])], step + 1,
+                chunk_valid, [(0, chunk.shape[1])], step + 1, capture_saliency=replay and step + 1 < steps,
             )
             last_hidden = hidden[:, -1]
             latent_hidden.append(last_hidden)
             inserted.append(chunk_mask)
+        if compute_recon and pixel_values is not None and trace:
+            recon_losses = self._reconstruction_losses(trace, input_ids, image_grid_thw, pixel_values)
         batch, hidden_size = prompt_hidden.shape[0], prompt_hidden.shape[-1]
         return ImplicitPhase(
             cache=cache,
@@ -632,41 +637,56 @@ class VedasForConditionalGenerationMixin:
 
     # ---- spatially-coherent reconstruction (eqs. 7-9) -------------------------------------------------------
 
-    def _reconstruction_loss(self, pooled, index, index_valid, input_ids, image_grid_thw, pixel_values):
-        """Mean over rows with a replay window of `mse(TokenSR(pool(B(t))), u_ref)` (eqs. 8-9).
+    def _reconstruction_losses(self, trace, input_ids, image_grid_thw, pixel_values) -> list:
+        """Per latent step, the mean over rows with a replay window of `mse(TokenSR(pool(B(t))), u_ref)` (eqs. 8-9).
 
-        The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the selected
-        tokens, cropped from `pixel_values` and resized back to the image's size; it is computed without gradient
-        (a self-distillation target).
+        The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the step's
+        selected tokens, cropped from `pixel_values` and resized back to the image's size; it is computed without
+        gradient (a self-distillation target). The windows of all steps are searched on the host after one copy of
+        the selections and re-encoded in a single vision-tower call.
         """
         layout = image_layout(input_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
-        windows = [
-            replay_window(layout, row, index[row], index_valid[row], self.config.recon_window)
-            for row in range(index.shape[0])
-        ]
-        rows = [row for row, window in enumerate(windows) if window is not None]
-        if not rows:
-            return (self.token_sr(pooled) * 0.0).sum()  # keeps TokenSR in the graph (DDP)
-        with torch.no_grad():
-            target = self._encode_crops([windows[row] for row in rows], pixel_values, image_grid_thw)
-        prediction = self.token_sr(pooled[rows])
-        return F.mse_loss(prediction.float(), target.float())
+        selections = torch.stack([torch.stack([step["index"], step["valid"].long()]) for step in trace]).cpu()
+        windows = []  # per step: {row: window}
+        for index, valid in selections:
+            found = (replay_window(layout, row, index[row], valid[row].bool(), self.config.recon_window)
+                     for row in range(index.shape[0]))
+            windows.append({row: window for row, window in enumerate(found) if window is not None})
+        flat = [window for step in windows for window in step.values()]
+        if flat:
+            with torch.no_grad():
+                targets = self._encode_crops(flat, pixel_values, image_grid_thw.tolist()).split(
+                    [len(step) for step in windows]
+                )
+        losses = []
+        for step, step_windows in enumerate(windows):
+            pooled = trace[step]["pooled"]
+            if not step_windows:
+                losses.append((self.token_sr(pooled) * 0.0).sum())  # keeps TokenSR in the graph (DDP)
+                continue
+            prediction = self.token_sr(pooled[list(step_windows)])
+            losses.append(F.mse_loss(prediction.float(), targets[step].float()))
+        return losses
 
-    def _encode_crops(self, windows, pixel_values, image_grid_thw):
-        """Re-encode each window crop (resized to its image's size) and mean-pool: `(n_windows, hidden)`."""
+    def _encode_crops(self, windows, pixel_values, grids: list):
+        """Re-encode each window crop (resized to its image's size) and mean-pool: `(n_windows, hidden)`.
+
+        `grids` is `image_grid_thw` as a list of `[t, h, w]`."""
         vision = self.config.vision_config
-        offsets = torch.cat([image_grid_thw.new_zeros(1), image_grid_thw.prod(-1).cumsum(0)]).tolist()
-        crops, grids = [], []
+        offsets = [0]
+        for t, h, w in grids:
+            offsets.append(offsets[-1] + t * h * w)
+        cell = vision.spatial_merge_size * vision.patch_size
+        crops, crop_grids = [], []
         for window in windows:
             image, top, left, size = window["image"], window["row"], window["col"], window["size"]
-            grid = image_grid_thw[image]
+            grid = grids[image]
             frames = unpatchify(pixel_values[offsets[image] : offsets[image + 1]], grid, vision)
-            cell = vision.spatial_merge_size * vision.patch_size
             crop = frames[..., top * cell : (top + size) * cell, left * cell : (left + size) * cell]
             crop = F.interpolate(crop.float(), size=frames.shape[-2:], mode="bilinear", align_corners=False)
             crops.append(patchify(crop.to(pixel_values.dtype), grid, vision))
-            grids.append(grid)
-        grid_thw = torch.stack(grids)
+            crop_grids.append(grid)
+        grid_thw = torch.tensor(crop_grids, dtype=torch.long, device=pixel_values.device)
         features = self.model.get_image_features(torch.cat(crops), grid_thw).pooler_output
         return torch.stack([f.mean(dim=0) for f in features])
 
@@ -701,7 +721,10 @@ class VedasForConditionalGenerationMixin:
             [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
         """
         latent_id = self.config.latent_token_id
-        has_latents = input_ids is not None and latent_id is not None and bool((input_ids == latent_id).any())
+        # decoding steps (one new token, no images) are stock: skip the device sync of the latent search
+        decoding = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
+        has_latents = (not decoding and input_ids is not None and latent_id is not None
+                       and bool((input_ids == latent_id).any()))
         if has_latents or pixel_values is not None:  # a prefill or a latent sequence; decoding steps skip the checks
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
@@ -743,8 +766,9 @@ class VedasForConditionalGenerationMixin:
         if labels is not None:
             ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
             loss = ce_loss if recon_loss is None else ce_loss + weight * recon_loss
+        trace = [{"index": step["index"], "valid": step["valid"]} for step in phase.trace]
         return VedasCausalLMOutput(
-            loss=loss, logits=logits, ce_loss=ce_loss, recon_loss=recon_loss, latent_trace=phase.trace,
+            loss=loss, logits=logits, ce_loss=ce_loss, recon_loss=recon_loss, latent_trace=trace,
         )
 
     # ---- generation -----------------------------------------------------------------------------------------

@@ -97,6 +97,52 @@ def evaluate(
     }
 
 
+def draw_replay_windows(image, trace_rows, path, colours=("red", "orange", "yellow", "lime", "cyan", "magenta")):
+    """Save `image` (PIL) with the replay window of every latent step drawn on it (paper fig. 6).
+
+    Args:
+        trace_rows: per latent step, the sample's entry of `generate(..., return_dict_in_generate=True).latent_trace`
+            (`{"box": (x0, y0, x1, y1), ...}` in the processor's resized pixels), optionally with `scale=(sx, sy)`
+            mapping those pixels to `image`'s.
+        path: PNG path.
+    """
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    for step, row in enumerate(trace_rows):
+        if row.get("box") is None:
+            continue
+        sx, sy = row.get("scale", (1.0, 1.0))
+        x0, y0, x1, y1 = row["box"]
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline=colours[step % len(colours)])
+    canvas.save(path)
+    return path
+
+
+def window_images(model, processor, records, out_dir, num_latent_steps: int, max_new_tokens: int = 8) -> list:
+    """Write one PNG per record (first image) with the replay windows of its latent steps; returns the paths."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    records = [normalize_record(record, i) for i, record in enumerate(records)]
+    paths = []
+    for index, record in enumerate(records):
+        if not record["images"]:
+            continue
+        prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
+        out = model.generate(**inputs.to(next(model.parameters()).device), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_latent_steps=num_latent_steps, return_dict_in_generate=True)
+        image = record["images"][0]
+        patch = model.config.vision_config.patch_size
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        scale = (image.width / (w * patch), image.height / (h * patch))
+        rows = [dict(step[0], scale=scale) for step in out.latent_trace if step[0].get("image") in (0, None)]
+        paths.append(draw_replay_windows(image, rows, os.path.join(out_dir, f"sample_{index:04d}.png")))
+    return paths
+
+
 def markdown_table(rows: dict) -> str:
     """`{name: evaluate() result}` -> a Markdown table (accuracy %, AR steps, ms per sample)."""
     lines = ["| method | accuracy (%) | # AR steps | time / sample (ms) |", "|---|---:|---:|---:|"]
@@ -108,4 +154,4 @@ def markdown_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["answers_match", "evaluate", "extract_answer", "markdown_table"]
+__all__ = ["answers_match", "draw_replay_windows", "evaluate", "extract_answer", "markdown_table", "window_images"]

@@ -38,7 +38,7 @@ def training_batch(built, args):
     from vedas_hf.data import VedasDataCollator, build_stage_example, normalize_record
     from vedas_hf.toy import make_digit_arithmetic
 
-    records, _ = make_digit_arithmetic(args.batch, 1, seed=args.seed, digit_size=args.digit_size)
+    records, _ = make_digit_arithmetic(args.batch, 1, seed=args.seed, digit_size=args.digit_size, rows=1)
     processor = built.processor
     examples = [
         build_stage_example(normalize_record(record, i, max_steps=args.latent_steps), args.latent_steps,

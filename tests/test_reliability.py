@@ -260,7 +260,7 @@ def fault_args(output_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def fault_records():
-    return make_digit_arithmetic(12, 0, seed=1)[0]
+    return make_digit_arithmetic(12, 0, seed=1, digit_size=24, rows=1)[0]
 
 
 def run_training(tiny, records, output_dir, resume=None, callbacks=(), **overrides):

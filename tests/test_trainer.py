@@ -26,7 +26,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records():
-    train, _ = make_digit_arithmetic(24, 0, seed=0)
+    train, _ = make_digit_arithmetic(24, 0, seed=0, digit_size=24, rows=1)
     return train
 
 
@@ -175,7 +175,7 @@ def test_two_process_accelerate_launch(tiny_dir, tmp_path):
         os.path.join(REPO, "examples", "sft.py"), "--model_name_or_path", str(tiny_dir),
         "--output_dir", str(tmp_path / "ddp"), "--num_train_samples", "16", "--num_eval_samples", "0",
         "--per_device_train_batch_size", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
-        "--max_latent_stage", "1", "--save_strategy", "no", "--use_cpu",
+        "--max_latent_stage", "1", "--save_strategy", "no", "--use_cpu", "--toy_digit_size", "24", "--toy_rows", "1",
     ]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)

@@ -1,8 +1,9 @@
 """Train a Vedas model through the latent curriculum, then evaluate it.
 
-With no arguments it builds a tiny Vedas model offline, generates the bundled task (arithmetic over real
-handwritten digits from scikit-learn), trains it on the CPU through every curriculum stage, saves a loadable
-checkpoint and prints the test accuracy:
+With no arguments it builds a tiny Vedas model offline and teaches it to read the digits of the bundled task
+(arithmetic over real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_digit_reader`, the stand-in for a
+pretrained VLM), then trains it on the CPU through every curriculum stage, saves a loadable checkpoint and prints the
+test accuracy (about 6 minutes on 2 cores):
 
     python examples/sft.py
 
@@ -37,24 +38,26 @@ class VedasScriptArguments:
     dataset_path: str | None = field(default=None, metadata={"help": "JSON/JSONL records (None: bundled digits task)."})
     eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation records."})
     dataset_format: str = field(default="canonical", metadata={"help": "canonical | m3cot | scienceqa"})
-    num_train_samples: int = field(default=600, metadata={"help": "Bundled task: training samples."})
-    num_eval_samples: int = field(default=100, metadata={"help": "Bundled task: evaluation samples."})
+    num_train_samples: int = field(default=3000, metadata={"help": "Bundled task: training samples."})
+    num_eval_samples: int = field(default=200, metadata={"help": "Bundled task: evaluation samples."})
+    toy_digit_size: int = field(default=8, metadata={"help": "Bundled task: digit tile side in pixels."})
+    toy_rows: int = field(default=2, metadata={"help": "Bundled task: tile rows (each digit in a random one)."})
     use_peft: bool = field(default=False, metadata={"help": "LoRA on the language model (r=64, alpha=16)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per evaluation sample."})
+    eval_max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated per evaluation sample."})
 
 
 DEMO_DEFAULTS = dict(
     output_dir="runs/vedas-tiny-digits",
     learning_rate=2e-3,
-    per_device_train_batch_size=16,
-    epochs_per_stage=3,
+    per_device_train_batch_size=32,
+    epochs_per_stage=2,
     max_latent_stage=3,
-    num_train_epochs=12,
-    lr_scheduler_type="constant",
-    warmup_steps=10,
-    logging_steps=10,
+    num_train_epochs=8,
+    lr_scheduler_type="cosine",
+    warmup_steps=20,
+    logging_steps=25,
     save_strategy="epoch",
     save_total_limit=2,
     report_to="none",
@@ -68,7 +71,8 @@ def load_data(script_args, training_args):
     if script_args.dataset_path is None:
         from vedas_hf.toy import make_digit_arithmetic
 
-        return make_digit_arithmetic(script_args.num_train_samples, script_args.num_eval_samples, seed=training_args.seed)
+        return make_digit_arithmetic(script_args.num_train_samples, script_args.num_eval_samples, seed=training_args.seed,
+                                     digit_size=script_args.toy_digit_size, rows=script_args.toy_rows)
     adapter = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}.get(script_args.dataset_format, "?")
     if adapter == "?":
         raise ValueError(f"dataset_format={script_args.dataset_format!r}; use canonical, m3cot or scienceqa.")
@@ -78,14 +82,15 @@ def load_data(script_args, training_args):
 
 
 def load_model(script_args, training_args):
-    """The checkpoint to train, or a fresh tiny Vedas model for the demo (written next to the outputs)."""
+    """The checkpoint to train, or for the demo a tiny Vedas model pretrained to read the digits (written next to the
+    outputs; one visual token per digit, so the replay picks K=1 token per step and the reconstruction window is 1x1)."""
     path = script_args.model_name_or_path
     if path is None:
-        from vedas_hf.testing import make_tiny_checkpoint
+        from vedas_hf.toy import pretrain_digit_reader
 
-        path = make_tiny_checkpoint(
-            os.path.join(training_args.output_dir, "init"), seed=training_args.seed,
-            num_latent_steps=training_args.max_latent_stage, replay_top_k=4, router_top_k=8,
+        path = pretrain_digit_reader(
+            os.path.join(training_args.output_dir, "reader"), seed=training_args.seed,
+            num_latent_steps=training_args.max_latent_stage, replay_top_k=1, router_top_k=8, recon_window=1,
         )
     dtype = torch.bfloat16 if training_args.bf16 else None
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)

@@ -25,9 +25,9 @@ ADAPTERS = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}
 
 def load_test_records(args) -> list:
     if args.dataset_path is None:
-        from vedas_hf.toy import make_digit_arithmetic
+        from vedas_hf.toy import make_task
 
-        return make_digit_arithmetic(0, args.num_samples, seed=args.seed)[1]
+        return make_task(args.task, 0, args.num_samples, seed=args.seed)[1]
     if args.dataset_format not in ADAPTERS:
         raise ValueError(f"dataset_format={args.dataset_format!r}; use one of {sorted(ADAPTERS)}.")
     records = load_records(args.dataset_path, adapter=ADAPTERS[args.dataset_format])
@@ -38,12 +38,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="Vedas checkpoint folder or Hub id (pin --revision for Hub ids)")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: bundled digit task)")
+    parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: a bundled task)")
+    parser.add_argument("--task", default="digits", help="bundled task without --dataset_path: digits | shapes")
     parser.add_argument("--dataset_format", default="canonical", help="canonical | m3cot | scienceqa")
     parser.add_argument("--num_samples", type=int, default=100, help="samples to evaluate (0: all of a file)")
     parser.add_argument("--num_latent_steps", type=int, default=None, help="default: the checkpoint's config")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--output_dir", default=None, help="default: <checkpoint>/eval")
     parser.add_argument("--window_images", type=int, default=0, help="PNGs of the replay windows for N samples")
     parser.add_argument("--name", default="vedas", help="row name in the Markdown table")

@@ -1,11 +1,12 @@
 """Train a Vedas model through the latent curriculum, then evaluate it.
 
-With no arguments it builds a tiny Vedas model offline and teaches it to read the digits of the bundled task
-(arithmetic over real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_digit_reader`, the stand-in for a
+With no arguments it builds a tiny Vedas model offline and teaches it to read the images of the bundled task
+(arithmetic over real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_reader`, the stand-in for a
 pretrained VLM), then trains it on the CPU through every curriculum stage, saves a loadable checkpoint and prints the
 test accuracy (about 6 minutes on 2 cores):
 
     python examples/sft.py
+    python examples/sft.py --toy_task shapes --output_dir runs/vedas-tiny-shapes   # the easy-VQA counting task
 
 On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with any accelerate setup:
 
@@ -35,13 +36,14 @@ class VedasScriptArguments:
     """Model and data of `examples/sft.py`; leave both unset for the bundled tiny demo."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Vedas checkpoint (None: tiny demo model)."})
-    dataset_path: str | None = field(default=None, metadata={"help": "JSON/JSONL records (None: bundled digits task)."})
+    dataset_path: str | None = field(default=None, metadata={"help": "JSON/JSONL records (None: a bundled task)."})
     eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation records."})
     dataset_format: str = field(default="canonical", metadata={"help": "canonical | m3cot | scienceqa"})
+    toy_task: str = field(default="digits", metadata={"help": "Bundled task: digits | shapes (vedas_hf.toy)."})
     num_train_samples: int = field(default=3000, metadata={"help": "Bundled task: training samples."})
     num_eval_samples: int = field(default=200, metadata={"help": "Bundled task: evaluation samples."})
-    toy_digit_size: int = field(default=8, metadata={"help": "Bundled task: digit tile side in pixels."})
-    toy_rows: int = field(default=2, metadata={"help": "Bundled task: tile rows (each digit in a random one)."})
+    toy_digit_size: int = field(default=8, metadata={"help": "Digits task: tile side in pixels."})
+    toy_rows: int = field(default=2, metadata={"help": "Digits task: tile rows (each digit in a random one)."})
     use_peft: bool = field(default=False, metadata={"help": "LoRA on the language model (r=64, alpha=16)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -52,7 +54,7 @@ DEMO_DEFAULTS = dict(
     output_dir="runs/vedas-tiny-digits",
     learning_rate=2e-3,
     per_device_train_batch_size=32,
-    epochs_per_stage=2,
+    epochs_per_stage=1,
     max_latent_stage=3,
     num_train_epochs=8,
     lr_scheduler_type="cosine",
@@ -66,13 +68,20 @@ DEMO_DEFAULTS = dict(
 )
 
 
-def load_data(script_args, training_args):
-    """Train and eval records: the user's files, or the bundled handwritten-digit task."""
-    if script_args.dataset_path is None:
-        from vedas_hf.toy import make_digit_arithmetic
+def toy_task_kwargs(script_args) -> dict:
+    """Generator arguments of the bundled task named by `--toy_task`."""
+    if script_args.toy_task == "digits":
+        return {"digit_size": script_args.toy_digit_size, "rows": script_args.toy_rows}
+    return {}
 
-        return make_digit_arithmetic(script_args.num_train_samples, script_args.num_eval_samples, seed=training_args.seed,
-                                     digit_size=script_args.toy_digit_size, rows=script_args.toy_rows)
+
+def load_data(script_args, training_args):
+    """Train and eval records: the user's files, or a bundled task."""
+    if script_args.dataset_path is None:
+        from vedas_hf.toy import make_task
+
+        return make_task(script_args.toy_task, script_args.num_train_samples, script_args.num_eval_samples,
+                         seed=training_args.seed, **toy_task_kwargs(script_args))
     adapter = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}.get(script_args.dataset_format, "?")
     if adapter == "?":
         raise ValueError(f"dataset_format={script_args.dataset_format!r}; use canonical, m3cot or scienceqa.")
@@ -82,14 +91,16 @@ def load_data(script_args, training_args):
 
 
 def load_model(script_args, training_args):
-    """The checkpoint to train, or for the demo a tiny Vedas model pretrained to read the digits (written next to the
-    outputs; one visual token per digit, so the replay picks K=1 token per step and the reconstruction window is 1x1)."""
+    """The checkpoint to train, or for the demo a tiny Vedas model pretrained to read the bundled task's images
+    (written next to the outputs; the replay picks K=1 token per step and the reconstruction window is 1x1, the size
+    of one digit on the default digits layout)."""
     path = script_args.model_name_or_path
     if path is None:
-        from vedas_hf.toy import pretrain_digit_reader
+        from vedas_hf.toy import pretrain_reader
 
-        path = pretrain_digit_reader(
-            os.path.join(training_args.output_dir, "reader"), seed=training_args.seed,
+        path = pretrain_reader(
+            os.path.join(training_args.output_dir, "reader"), task=script_args.toy_task,
+            task_kwargs=toy_task_kwargs(script_args), seed=training_args.seed,
             num_latent_steps=training_args.max_latent_stage, replay_top_k=1, router_top_k=8, recon_window=1,
         )
     dtype = torch.bfloat16 if training_args.bf16 else None

@@ -1,11 +1,11 @@
-"""The bundled handwritten-digit arithmetic task."""
+"""The bundled tasks: handwritten-digit arithmetic (primary) and easy-VQA panel counting (secondary)."""
 
 import re
 
 import numpy as np
 import pytest
 
-from vedas_hf.toy import make_digit_arithmetic, reading_records
+from vedas_hf.toy import COLORS, SHAPES, make_digit_arithmetic, make_shape_panels, make_task, reading_records
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds():
@@ -73,3 +73,90 @@ def test_answers_are_spread_over_digits():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         make_digit_arithmetic(1, 1, **kwargs)
+
+
+# ---- easy-VQA panels -------------------------------------------------------------------------------------------
+
+
+def _foreground_colour(image) -> np.ndarray:
+    """Mean RGB of the pixels that differ from the image's corner (the pale background) by more than 60."""
+    pixels = np.asarray(image).astype(float)
+    mask = np.abs(pixels - pixels[0, 0]).max(-1) > 60
+    return pixels[mask].mean(0)
+
+
+def test_easy_vqa_labels_recovered_from_questions_agree_with_the_pixels():
+    # Group the full-size renders by the colour recovered from their questions: every render must lie nearer its own
+    # group's mean colour than any other group's (a wrong label would sit in the wrong group).
+    import easy_vqa
+    from PIL import Image
+
+    from vedas_hf.toy import _easy_vqa_labels
+
+    labels = _easy_vqa_labels("test")
+    assert len(labels) > 800  # of 1000 renders; the rest are skipped as ambiguous
+    assert {shape for shape, _ in labels.values()} == set(SHAPES)
+    paths = easy_vqa.get_test_image_paths()
+    colours = {i: _foreground_colour(Image.open(paths[i]).convert("RGB")) for i in sorted(labels)[:400]}
+    centroids = {c: np.mean([colours[i] for i in colours if labels[i][1] == c], 0) for c in COLORS}
+    for i, colour in colours.items():
+        nearest = min(COLORS, key=lambda c: np.linalg.norm(colour - centroids[c]))
+        assert nearest == labels[i][1], (i, labels[i], colour)
+
+
+def test_shape_panels_are_deterministic_and_follow_the_labels():
+    a_train, a_test = make_shape_panels(40, 20, seed=5)
+    b_train, _ = make_shape_panels(40, 0, seed=5)
+    c_train, _ = make_shape_panels(40, 0, seed=6)
+    assert [r["source_ids"] for r in a_train] == [r["source_ids"] for r in b_train]
+    assert all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a_train, b_train))
+    assert [r["source_ids"] for r in a_train] != [r["source_ids"] for r in c_train]
+    for record in a_train + a_test:
+        target = re.fullmatch(r"How many panels show a (\w+)( shape)?\?", record["question"])
+        attribute = 1 if target.group(2) else 0
+        count = sum(panel[attribute] == target.group(1) for panel in record["panel_labels"])
+        assert record["answer"] == str(count)
+        assert record["steps"][:3] == [f"Panel {i + 1} shows a {c} {s}." for i, (s, c) in enumerate(record["panel_labels"])]
+        assert record["steps"][3].startswith(f"{count} panel")
+        assert record["image"].size == (3 * 16, 16)
+
+
+def test_shape_panels_paste_the_labelled_renders_and_split_by_easy_vqa_split():
+    from vedas_hf.toy import _shape_pool
+
+    train, test = make_shape_panels(30, 30, seed=0)
+    for records, split in ((train, "train"), (test, "test")):
+        images, labels = _shape_pool(split, 16)
+        for record in records:
+            pixels = np.asarray(record["image"])
+            for column, source in enumerate(record["source_ids"]):
+                np.testing.assert_array_equal(pixels[:, 16 * column : 16 * column + 16], np.asarray(images[source]))
+                assert record["panel_labels"][column] == labels[source]
+    train_renders = {np.asarray(im).tobytes() for im in _shape_pool("train", 16)[0]}
+    assert not any(np.asarray(im).tobytes() in train_renders for im in _shape_pool("test", 16)[0])
+
+
+def test_shape_panel_answers_are_uniform_over_counts():
+    train, _ = make_shape_panels(800, 0, seed=0)
+    counts = np.bincount([int(r["answer"]) for r in train], minlength=4)
+    assert counts.min() > 0.2 * len(train) and counts.max() < 0.3 * len(train)
+
+
+def test_reading_records_name_the_shapes():
+    train, _ = make_shape_panels(3, 0, seed=0)
+    for record, read in zip(train, reading_records(train)):
+        assert read["image"] is record["image"] and read["question"] == "Name the shapes from left to right."
+        assert read["answer"] == ", ".join(f"{c} {s}" for s, c in record["panel_labels"])
+
+
+@pytest.mark.parametrize("kwargs", [{"num_panels": 1}, {"panel_size": 4}, {"panel_size": 128}])
+def test_bad_shape_arguments(kwargs):
+    with pytest.raises(ValueError, match="must be between"):
+        make_shape_panels(1, 1, **kwargs)
+
+
+def test_make_task_names_the_bundled_tasks():
+    train, _ = make_task("digits", 2, 0, seed=0, num_digits=2)
+    assert len(train[0]["label_digits"]) == 2
+    with pytest.raises(ValueError, match="digits.*shapes"):
+        make_task("mnist", 1, 1)

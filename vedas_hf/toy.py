@@ -1,7 +1,7 @@
-"""Bundled task: arithmetic over real handwritten digits (scikit-learn's `load_digits`, 1797 8x8 scans shipped
-inside the package, no download).
+"""Bundled tasks, built at run time from real images shipped inside registry packages (no download).
 
-Each sample shows `num_digits` handwritten digits from left to right and asks for `(a + b) * c mod 10` (with three
+Primary, `make_digit_arithmetic`: arithmetic over real handwritten digits (scikit-learn's `load_digits`, 1797 8x8
+scans). Each sample shows `num_digits` handwritten digits from left to right and asks for `(a + b) * c mod 10` (with three
 digits); the reasoning steps read the digits and do the arithmetic, so a model that reads the image step by step can
 answer while a direct answer needs all of it at once. Train and test draw digits from disjoint pools of source scans,
 so test digits are unseen handwriting.
@@ -10,8 +10,16 @@ Layout: a grid of `rows x num_digits` square tiles of `digit_size` pixels; colum
 row (the other tiles are blank). With the tiny checkpoints of `vedas_hf.testing` (4x4
 patches merged 2x2, i.e. 8 pixels per visual token) and the default `digit_size=8`, every tile is exactly one visual
 token: the model has to find the digits among blank tokens, which is what visual replay selects.
+
+Secondary, `make_shape_panels`: counting over easy-VQA images (package `easy-vqa`, real 64x64 renders of one coloured
+shape each, with real questions). Shape and colour of each image are recovered from its own questions; panels of
+several images side by side ask "How many panels show a circle?" (or a colour), with one step per panel.
+
+`reading_records` turns either task into its reading version ("what is in the image, left to right") and
+`pretrain_reader` teaches a tiny model that reading, as the stand-in for a pretrained VLM.
 """
 
+import functools
 import random
 
 import numpy as np
@@ -72,6 +80,8 @@ def _samples(n, pool, images, labels, rng, num_digits, digit_size, rows):
             "answer": answer,
             "label_digits": values,
             "source_ids": sources,
+            "reading_question": "Read the digits from left to right.",
+            "reading": " ".join(map(str, values)),
         })
     return out
 
@@ -109,28 +119,133 @@ def make_digit_arithmetic(
     return train, test
 
 
-def reading_records(records: list[dict]) -> list[dict]:
-    """The digit-reading version of task `records`: same images, question "Read the digits from left to right.",
-    answer the digits separated by spaces (e.g. `"3 5 8"`). Used to pretrain the tiny base model."""
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+NEGATIONS = {"not", "no"}
+
+
+def _easy_vqa_labels(split: str) -> dict[int, tuple[str, str]]:
+    """`{image_id: (shape, colour)}` for the easy-VQA images of `split` whose questions pin both down.
+
+    Every easy-VQA image holds one shape; its questions either name the answer ("what shape is in the image?" ->
+    "circle"), name the attribute in the question ("what color is the triangle?" -> "blue"), or are yes/no with or
+    without a negation. Words of true statements are collected; images left ambiguous (about 11%) are skipped.
+    """
+    import easy_vqa
+
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    found = {}
+    for question, answer, image_id in zip(questions, answers, image_ids):
+        words = question.rstrip("?").split()
+        if answer in ("yes", "no") and (answer == "yes") == bool(NEGATIONS & set(words)):
+            continue  # a false statement ("is there a red shape?" -> "no") says nothing about what is there
+        shapes, colors = found.setdefault(image_id, (set(), set()))
+        shapes.update(w for w in words + [answer] if w in SHAPES)
+        colors.update(w for w in words + [answer] if w in COLORS)
+    return {i: (s.pop(), c.pop()) for i, (s, c) in found.items() if len(s) == 1 and len(c) == 1}
+
+
+@functools.lru_cache(maxsize=4)
+def _shape_pool(split: str, panel_size: int) -> tuple[list[Image.Image], list[tuple[str, str]]]:
+    import easy_vqa
+
+    labels = _easy_vqa_labels(split)
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    ids = sorted(i for i in labels if i in paths)
+    images = []
+    for i in ids:
+        with Image.open(paths[i]) as image:
+            images.append(image.convert("RGB").resize((panel_size, panel_size), Image.BOX))
+    return images, [labels[i] for i in ids]
+
+
+def _shape_samples(n, images, labels, rng, num_panels, panel_size):
+    # index of the pool by (attribute, value): attribute 0 is the shape, 1 the colour
+    keys = [(a, v) for a, values in ((0, SHAPES), (1, COLORS)) for v in values]
+    having = {(a, v): [i for i, label in enumerate(labels) if label[a] == v] for a, v in keys}
+    lacking = {(a, v): [i for i, label in enumerate(labels) if label[a] != v] for a, v in keys}
     out = []
-    for record in records:
-        digits = " ".join(map(str, record["label_digits"]))
+    for _ in range(n):
+        attribute = rng.randrange(2)
+        target = rng.choice(COLORS if attribute else SHAPES)
+        count = rng.randrange(num_panels + 1)  # uniform answers: no count is a safe guess
+        chosen = set(rng.sample(range(num_panels), count))
+        pools = [having[attribute, target] if p in chosen else lacking[attribute, target] for p in range(num_panels)]
+        sources = [rng.choice(pool) for pool in pools]
+        panels = [labels[s] for s in sources]
+        noun = f"a {target} shape" if attribute else f"a {target}"
+        canvas = Image.new("RGB", (panel_size * num_panels, panel_size))
+        for column, source in enumerate(sources):
+            canvas.paste(images[source], (column * panel_size, 0))
+        steps = [f"Panel {i + 1} shows a {color} {shape}." for i, (shape, color) in enumerate(panels)]
+        steps.append(f"{count} panel{'' if count == 1 else 's'} show{'s' if count == 1 else ''} {noun}.")
         out.append({
-            "image": record["image"],
-            "question": "Read the digits from left to right.",
-            "steps": [f"The digits are {digits}."],
-            "answer": digits,
-            "label_digits": record["label_digits"],
-            "source_ids": record["source_ids"],
+            "image": canvas,
+            "question": f"How many panels show {noun}?",
+            "steps": steps,
+            "answer": str(count),
+            "panel_labels": panels,
+            "source_ids": sources,
+            "reading_question": "Name the shapes from left to right.",
+            "reading": ", ".join(f"{color} {shape}" for shape, color in panels),
         })
     return out
 
 
-def pretrain_digit_reader(
+def make_shape_panels(
+    n_train: int, n_test: int, *, seed: int = 0, num_panels: int = 3, panel_size: int = 16
+) -> tuple[list[dict], list[dict]]:
+    """Generate the train and test splits of the easy-VQA counting task (canonical records plus `panel_labels`, a
+    `(shape, colour)` per panel, and `source_ids`, indices into the split's labelled images).
+
+    Train panels come from easy-VQA's train images and test panels from its test images, so test shapes are unseen
+    renders. Half of the questions count a shape, half a colour; the answer is uniform over `0..num_panels`, so
+    always giving one count scores `1 / (num_panels + 1)`.
+
+    Args:
+        num_panels: images side by side, between 2 and 9.
+        panel_size: side of each panel in pixels (the 64x64 renders are box-downsampled); 16 gives 2x2 visual
+            tokens per panel with the tiny checkpoints of `vedas_hf.testing`.
+    """
+    if not 2 <= num_panels <= 9:
+        raise ValueError(f"num_panels={num_panels} must be between 2 and 9.")
+    if not 8 <= panel_size <= 64:
+        raise ValueError(f"panel_size={panel_size} must be between 8 and 64 (the easy-VQA renders are 64x64).")
+    rng = random.Random(seed)
+    train_images, train_labels = _shape_pool("train", panel_size)
+    test_images, test_labels = _shape_pool("test", panel_size)
+    train = _shape_samples(n_train, train_images, train_labels, rng, num_panels, panel_size)
+    test = _shape_samples(n_test, test_images, test_labels, rng, num_panels, panel_size)
+    return train, test
+
+
+TASKS = {"digits": make_digit_arithmetic, "shapes": make_shape_panels}
+
+
+def make_task(task: str, n_train: int, n_test: int, *, seed: int = 0, **task_kwargs) -> tuple[list[dict], list[dict]]:
+    """`make_digit_arithmetic` (`task="digits"`) or `make_shape_panels` (`task="shapes"`)."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not a bundled task; choose one of {sorted(TASKS)}.")
+    return TASKS[task](n_train, n_test, seed=seed, **task_kwargs)
+
+
+def reading_records(records: list[dict]) -> list[dict]:
+    """The reading version of task `records` (either task): same images, the record's `reading_question` ("Read the
+    digits from left to right." / "Name the shapes from left to right.") and its `reading` as the answer (e.g.
+    `"3 5 8"` / `"blue circle, red triangle, gray circle"`). Used to pretrain the tiny base model."""
+    out = []
+    for record in records:
+        out.append({**record, "question": record["reading_question"], "steps": [f"It reads: {record['reading']}."],
+                    "answer": record["reading"]})
+    return out
+
+
+def pretrain_reader(
     output_dir: str,
     *,
+    task: str = "digits",
     num_samples: int = 4000,
-    num_digits: int = 3,
+    task_kwargs: dict | None = None,
     epochs: int = 8,
     batch_size: int = 32,
     learning_rate: float = 2e-3,
@@ -138,13 +253,14 @@ def pretrain_digit_reader(
     stock_overrides: dict | None = None,
     **vedas_overrides,
 ) -> str:
-    """Build a tiny Vedas checkpoint and teach it to read the digits of the bundled task (answer-only training on
+    """Build a tiny Vedas checkpoint and teach it to read the images of a bundled task (answer-only training on
     `reading_records` of the train split), as a stand-in for the pretrained VLM every method of the paper starts from:
     the comparisons that follow then measure reasoning rather than learning to see from scratch. Test-split scans
     are never shown. About 2 minutes on 2 CPU cores with the defaults.
 
     Args:
         output_dir: the initial checkpoint goes to `<output_dir>/init`, the reader to `<output_dir>/final`.
+        task: `"digits"` or `"shapes"` (see `make_task`); `task_kwargs` go to its generator (e.g. `num_digits=2`).
         vedas_overrides: Vedas config fields of the checkpoint (e.g. `num_latent_steps=3, replay_top_k=1`).
     Returns:
         The reader checkpoint folder.
@@ -156,7 +272,7 @@ def pretrain_digit_reader(
     from .testing import make_tiny_checkpoint
     from .trainer import VedasSFTConfig, VedasSFTTrainer
 
-    train, _ = make_digit_arithmetic(num_samples, 0, seed=seed, num_digits=num_digits)
+    train, _ = make_task(task, num_samples, 0, seed=seed, **(task_kwargs or {}))
     init = make_tiny_checkpoint(os.path.join(output_dir, "init"), seed=seed, stock_overrides=stock_overrides,
                                 **vedas_overrides)
     model = AutoModelForImageTextToText.from_pretrained(init)
@@ -174,4 +290,4 @@ def pretrain_digit_reader(
     return final
 
 
-__all__ = ["make_digit_arithmetic", "pretrain_digit_reader", "reading_records"]
+__all__ = ["make_digit_arithmetic", "make_shape_panels", "make_task", "pretrain_reader", "reading_records"]

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_samples", type=int, default=3000)
     parser.add_argument("--num_test_samples", type=int, default=200)
     parser.add_argument("--num_reader_samples", type=int, default=4000, help="reading pretraining samples")
-    parser.add_argument("--reader_epochs", type=int, default=8)
+    parser.add_argument("--reader_epochs", type=int, default=None, help="default: 8 for digits, 32 for shapes")
     parser.add_argument("--max_latent_stage", type=int, default=3, help="latent steps of the final stage")
     parser.add_argument("--epochs_per_stage", type=int, default=1)
     parser.add_argument("--num_train_epochs", type=int, default=8,

@@ -122,3 +122,29 @@ def test_eval_command_writes_json_and_markdown(tiny, tmp_path):
     assert 2 + 1 <= summary["ar_steps"] <= 2 + 4
     assert (tmp_path / "out" / "eval.md").read_text().startswith("| method |")
     assert len(os.listdir(tmp_path / "out" / "windows")) == 1
+
+
+def test_table1_command_trains_and_evaluates_each_variant_from_one_reader(tmp_path):
+    from collections import Counter
+
+    from vedas_hf.toy import make_task
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "table1.py"), "--task", "shapes", "--output_dir",
+         str(tmp_path), "--variants", "no-cot", "vedas", "--num_train_samples", "32", "--num_test_samples", "4",
+         "--num_reader_samples", "32", "--reader_epochs", "1", "--num_train_epochs", "2", "--max_latent_stage", "1",
+         "--batch_size", "16", "--max_new_tokens", "6"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "table1.json").read_text())
+    assert list(report["rows"]) == ["No-CoT", "Vedas"]
+    assert [row["num_samples"] for row in report["rows"].values()] == [4, 4]
+    assert 1 <= report["rows"]["No-CoT"]["ar_steps"] <= 6  # plain decoding: generated tokens only
+    assert 1 + 1 <= report["rows"]["Vedas"]["ar_steps"] <= 1 + 6  # one latent step + generated tokens
+    _, test = make_task("shapes", 32, 4, seed=0)
+    majority = Counter(r["answer"] for r in test).most_common(1)[0][1] / 4
+    assert report["majority_answer_accuracy"] == majority
+    assert (tmp_path / "reader" / "final" / "model.safetensors").is_file()
+    assert len((tmp_path / "table1.md").read_text().strip().splitlines()) == 2 + 2  # header, rule, two rows

@@ -36,7 +36,9 @@ class VedasScriptArguments:
     """Model and data of `examples/sft.py`; leave both unset for the bundled tiny demo."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Vedas checkpoint (None: tiny demo model)."})
-    dataset_path: str | None = field(default=None, metadata={"help": "JSON/JSONL records (None: a bundled task)."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "JSON/JSONL records or an image folder with metadata.jsonl (None: a bundled task)."}
+    )
     eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation records."})
     dataset_format: str = field(default="canonical", metadata={"help": "canonical | m3cot | scienceqa"})
     toy_task: str = field(default="digits", metadata={"help": "Bundled task: digits | shapes (vedas_hf.toy)."})

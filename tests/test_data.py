@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -80,6 +81,28 @@ def test_load_records_from_jsonl_resolves_relative_images(tmp_path):
     records = load_records(tmp_path / "data.jsonl", adapter=from_m3cot)
     normalized = normalize_record(records[0], 0)
     assert normalized["steps"] == ["r1", "r2"] and normalized["images"][0].size == (32, 32)
+
+
+def test_load_records_from_an_image_folder_with_metadata(tmp_path):
+    # the `datasets` imagefolder layout: images + metadata.jsonl naming each row's image in `file_name`
+    images = make_tiny_images(2)
+    rows = []
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "question": f"q{i}", "steps": ["s1", "s2"], "answer": str(i)})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = load_records(tmp_path)
+    assert [r["image"] for r in records] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    normalized = [normalize_record(r, i) for i, r in enumerate(records)]
+    assert [n["answer"] for n in normalized] == ["0", "1"]
+    for n, image in zip(normalized, images):
+        assert np.array_equal(np.asarray(n["images"][0]), np.asarray(image.convert("RGB")))
+
+
+def test_image_folder_without_metadata_names_the_fix(tmp_path):
+    make_tiny_images(1)[0].save(tmp_path / "0.png")
+    with pytest.raises(ValueError, match="has no metadata.jsonl or metadata.json; add one row per image"):
+        load_records(tmp_path)
 
 
 # ---- stage construction ------------------------------------------------------------------------------------------

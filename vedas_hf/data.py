@@ -150,16 +150,38 @@ def _read_json_records(path: Path) -> list:
     return records
 
 
+FOLDER_METADATA = ("metadata.jsonl", "metadata.json")
+
+
+def _read_image_folder(folder: Path) -> list:
+    """Records of an image folder in the `datasets` imagefolder layout: images next to a `metadata.jsonl` (or
+    `metadata.json`) whose rows name their image in `file_name`; `file_name` becomes the record's `image`."""
+    found = [folder / name for name in FOLDER_METADATA if (folder / name).is_file()]
+    if not found:
+        raise ValueError(
+            f"Image folder {str(folder)!r} has no {' or '.join(FOLDER_METADATA)}; add one row per image with "
+            "`file_name`, `question`, `steps` or `rationale` and `answer` (the `datasets` imagefolder layout)."
+        )
+    records = _read_json_records(found[0])
+    for record in records:
+        if isinstance(record, dict) and "file_name" in record:
+            record.setdefault("image", record.pop("file_name"))
+    return records
+
+
 def load_records(source, adapter=None) -> list[dict]:
-    """Records from a `.json` / `.jsonl` path, a list of dicts or a `datasets.Dataset`; `adapter(record, index)`
+    """Records from a `.json` / `.jsonl` path, an image folder with a `metadata.jsonl` (the `datasets` imagefolder
+    layout, `file_name` naming each row's image), a list of dicts or a `datasets.Dataset`; `adapter(record, index)`
     maps each to the canonical schema. Relative image paths are resolved against the file's folder."""
     base_dir = None
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
+        if path.is_dir():
+            base_dir, source = path, _read_image_folder(path)
+        elif path.is_file():
+            base_dir, source = path.parent, _read_json_records(path)
+        else:
             raise ValueError(f"Dataset file {str(path)!r} does not exist.")
-        base_dir = path.parent
-        source = _read_json_records(path)
     for index, record in enumerate(source):
         if not isinstance(record, dict):
             raise ValueError(f"Record {index}: expected a dict (JSON object), got {type(record).__name__}.")

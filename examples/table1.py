@@ -1,6 +1,6 @@
 """Paper table 1 (+ table 3 ablations) on a bundled task, on the CPU.
 
-    python examples/table1.py                      # handwritten digits, all variants, ~20 minutes on 2 CPU cores
+    python examples/table1.py                      # handwritten digits, all variants, ~22 minutes on 2 CPU cores
     python examples/table1.py --task shapes --output_dir runs/table1-shapes   # easy-VQA counting
     python examples/table1.py --variants cot vedas --num_train_samples 1000   # a subset, smaller
 
@@ -13,8 +13,8 @@ Protocol:
    latents), and the ablations without Routing Depth Scaling (`router_layers="none"`), without visual replay
    (`replay_mode="none"`, which also drops the reconstruction target) and without the reconstruction loss
    (`recon_loss_weight=0`).
-3. Greedy decoding on the test split (unseen handwriting / renders): accuracy, AR steps (latent steps + generated tokens) and
-   time per sample; the table goes to stdout, `<output_dir>/table1.md` and `<output_dir>/table1.json`.
+3. Greedy decoding on the test split (unseen handwriting / renders): accuracy, AR steps (latent steps + generated
+   tokens) and time per sample; the table goes to stdout, `<output_dir>/table1.md` and `<output_dir>/table1.json`.
 """
 
 import argparse
@@ -23,13 +23,12 @@ import os
 import time
 from collections import Counter
 
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
 from vedas_hf.eval import evaluate, markdown_table
-from vedas_hf.toy import TASKS, make_task, pretrain_reader
-from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer
+from vedas_hf.toy import TASKS, make_task, pretrain_reader, toy_sft_config
+from vedas_hf.trainer import VedasSFTTrainer
 
 
 # command-line name -> (table row, data mode, Vedas config overrides, trainer overrides)
@@ -73,14 +72,13 @@ def train_variant(variant, reader, train, args):
     _, mode, config_overrides, trainer_overrides = VARIANTS[variant]
     model = AutoModelForImageTextToText.from_pretrained(reader, **config_overrides)
     processor = AutoProcessor.from_pretrained(reader)
-    config = VedasSFTConfig(
-        output_dir=os.path.join(args.output_dir, variant),
+    config = toy_sft_config(
+        os.path.join(args.output_dir, variant),
         no_cot_baseline=mode == "no_cot", cot_baseline=mode == "cot",
         max_latent_stage=args.max_latent_stage, epochs_per_stage=args.epochs_per_stage,
         num_train_epochs=args.num_train_epochs,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=20, logging_steps=50, save_strategy="no", report_to="none",
-        seed=args.seed, bf16=False, use_cpu=not torch.cuda.is_available(), **trainer_overrides,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        **trainer_overrides,
     )
     trainer = VedasSFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor)
     trainer.train()

@@ -212,11 +212,11 @@ def make_shape_panels(
     if not 8 <= panel_size <= 64:
         raise ValueError(f"panel_size={panel_size} must be between 8 and 64 (the easy-VQA renders are 64x64).")
     rng = random.Random(seed)
-    train_images, train_labels = _shape_pool("train", panel_size)
-    test_images, test_labels = _shape_pool("test", panel_size)
-    train = _shape_samples(n_train, train_images, train_labels, rng, num_panels, panel_size)
-    test = _shape_samples(n_test, test_images, test_labels, rng, num_panels, panel_size)
-    return train, test
+    splits = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        pool = _shape_pool(split, panel_size) if n else ([], [])  # decoding a split's PNGs takes seconds
+        splits.append(_shape_samples(n, *pool, rng, num_panels, panel_size))
+    return splits[0], splits[1]
 
 
 TASKS = {"digits": make_digit_arithmetic, "shapes": make_shape_panels}
@@ -241,6 +241,19 @@ def reading_records(records: list[dict]) -> list[dict]:
         out.append({**record, "question": record["reading_question"], "steps": [f"It reads: {record['reading']}."],
                     "answer": record["reading"]})
     return out
+
+
+def toy_sft_config(output_dir: str, **fields):
+    """`VedasSFTConfig` for training on a bundled task: lr 2e-3 cosine with 20 warmup steps, batch 32, no
+    checkpoints or reports, float32 (TRL's `SFTConfig` defaults to bf16, which on the CPU means bf16 autocast at
+    about 5x the step time), on the CPU unless a GPU is present. `fields` override any of these."""
+    from .trainer import VedasSFTConfig
+
+    defaults = dict(
+        learning_rate=2e-3, per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=20,
+        logging_steps=50, save_strategy="no", report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
+    )
+    return VedasSFTConfig(output_dir=output_dir, **{**defaults, **fields})
 
 
 def pretrain_reader(
@@ -274,7 +287,7 @@ def pretrain_reader(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .testing import make_tiny_checkpoint
-    from .trainer import VedasSFTConfig, VedasSFTTrainer
+    from .trainer import VedasSFTTrainer
 
     train, _ = make_task(task, num_samples, 0, seed=seed, **(task_kwargs or {}))
     epochs = READER_EPOCHS[task] if epochs is None else epochs
@@ -282,11 +295,8 @@ def pretrain_reader(
                                 **vedas_overrides)
     model = AutoModelForImageTextToText.from_pretrained(init)
     processor = AutoProcessor.from_pretrained(init)
-    args = VedasSFTConfig(
-        output_dir=output_dir, no_cot_baseline=True, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=20, logging_steps=50,
-        save_strategy="no", report_to="none", seed=seed, bf16=False, use_cpu=not torch.cuda.is_available(),
-    )
+    args = toy_sft_config(output_dir, no_cot_baseline=True, num_train_epochs=epochs,
+                          per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     trainer = VedasSFTTrainer(model=model, args=args, train_dataset=reading_records(train), processing_class=processor)
     trainer.train()
     final = os.path.join(output_dir, "final")
@@ -295,4 +305,6 @@ def pretrain_reader(
     return final
 
 
-__all__ = ["make_digit_arithmetic", "make_shape_panels", "make_task", "pretrain_reader", "reading_records"]
+__all__ = [
+    "make_digit_arithmetic", "make_shape_panels", "make_task", "pretrain_reader", "reading_records", "toy_sft_config",
+]

@@ -16,11 +16,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import from_m3cot, from_scienceqa, load_records
+from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records
 from vedas_hf.eval import evaluate, markdown_table, window_images
-
-
-ADAPTERS = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}
 
 
 def load_test_records(args) -> list:
@@ -28,9 +25,7 @@ def load_test_records(args) -> list:
         from vedas_hf.toy import make_task
 
         return make_task(args.task, 0, args.num_samples, seed=args.seed)[1]
-    if args.dataset_format not in ADAPTERS:
-        raise ValueError(f"dataset_format={args.dataset_format!r}; use one of {sorted(ADAPTERS)}.")
-    records = load_records(args.dataset_path, adapter=ADAPTERS[args.dataset_format])
+    records = load_records(args.dataset_path, adapter=dataset_adapter(args.dataset_format))
     return records[: args.num_samples] if args.num_samples else records
 
 
@@ -40,7 +35,7 @@ def main(argv=None):
     parser.add_argument("--revision", default=None)
     parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: a bundled task)")
     parser.add_argument("--task", default="digits", help="bundled task without --dataset_path: digits | shapes")
-    parser.add_argument("--dataset_format", default="canonical", help="canonical | m3cot | scienceqa")
+    parser.add_argument("--dataset_format", default="canonical", help=" | ".join(DATASET_FORMATS))
     parser.add_argument("--num_samples", type=int, default=100, help="samples to evaluate (0: all of a file)")
     parser.add_argument("--num_latent_steps", type=int, default=None, help="default: the checkpoint's config")
     parser.add_argument("--batch_size", type=int, default=8)

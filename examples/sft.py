@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import TrlParser
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import from_m3cot, from_scienceqa, load_records
+from vedas_hf.data import dataset_adapter, load_records
 from vedas_hf.eval import evaluate
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 
@@ -84,9 +84,7 @@ def load_data(script_args, training_args):
 
         return make_task(script_args.toy_task, script_args.num_train_samples, script_args.num_eval_samples,
                          seed=training_args.seed, **toy_task_kwargs(script_args))
-    adapter = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}.get(script_args.dataset_format, "?")
-    if adapter == "?":
-        raise ValueError(f"dataset_format={script_args.dataset_format!r}; use canonical, m3cot or scienceqa.")
+    adapter = dataset_adapter(script_args.dataset_format)
     train = load_records(script_args.dataset_path, adapter=adapter)
     test = load_records(script_args.eval_dataset_path, adapter=adapter) if script_args.eval_dataset_path else []
     return train, test

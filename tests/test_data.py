@@ -12,6 +12,7 @@ from vedas_hf.data import (
     IGNORE_INDEX,
     VedasDataCollator,
     build_stage_example,
+    dataset_adapter,
     from_m3cot,
     from_scienceqa,
     load_records,
@@ -72,6 +73,13 @@ def test_adapters_map_choices_to_letters():
     assert sq["answer"] == "C" and sq["rationale"] == "s"
     with pytest.raises(ValueError, match="Record 4: answer 'D'"):
         from_m3cot({"question": "q", "choices": ["a", "b"], "answer": "D"}, 4)
+
+
+def test_dataset_adapter_names_the_formats():
+    assert dataset_adapter("canonical") is None
+    assert dataset_adapter("m3cot") is from_m3cot and dataset_adapter("scienceqa") is from_scienceqa
+    with pytest.raises(ValueError, match=r"dataset_format='m3c0t'; use one of canonical, m3cot, scienceqa"):
+        dataset_adapter("m3c0t")
 
 
 def test_load_records_from_jsonl_resolves_relative_images(tmp_path):

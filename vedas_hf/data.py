@@ -123,6 +123,17 @@ def from_scienceqa(record: dict, index: int) -> dict:
     return {"image": record.get("image"), "question": question, "rationale": rationale, "answer": answer}
 
 
+DATASET_FORMATS = {"canonical": None, "m3cot": from_m3cot, "scienceqa": from_scienceqa}
+
+
+def dataset_adapter(dataset_format: str):
+    """The `load_records` adapter of a `--dataset_format` name (`None` for `canonical`, records already in the
+    canonical schema); `ValueError` naming the choices for an unknown name."""
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"dataset_format={dataset_format!r}; use one of {', '.join(DATASET_FORMATS)}.")
+    return DATASET_FORMATS[dataset_format]
+
+
 def _read_json_records(path: Path) -> list:
     """Records of a `.json` (a list) or `.jsonl` (one object per line) file; `ValueError` naming the file and the
     line for text that is not UTF-8 or not JSON."""
@@ -325,7 +336,9 @@ class VedasDataCollator:
 
 __all__ = [
     "VedasDataCollator",
+    "DATASET_FORMATS",
     "build_stage_example",
+    "dataset_adapter",
     "from_m3cot",
     "from_scienceqa",
     "load_records",

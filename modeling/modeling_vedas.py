@@ -50,6 +50,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLTextModel,
     apply_rotary_pos_emb,
     repeat_kv,
+    rotate_half,
 )
 
 from .configuration_vedas import VedasQwen2_5_VLConfig, VedasQwen2VLConfig
@@ -68,32 +69,33 @@ class VedasRouterCache:
     """Keys/values of the tokens selected by each router, kept per (layer, depth) and per routed chunk.
 
     A selected token's restricted attention sees the selected tokens of earlier chunks (read from here) and the
-    earlier selected tokens of its own chunk. Entries are keyed by chunk index and *set*, never appended, so a
-    re-run of a chunk (e.g. a recompute) cannot duplicate them.
+    earlier selected tokens of its own chunk. Each entry holds the concatenation of every chunk up to and including
+    its own, so a read is a lookup, not a concatenation. Storing chunk `c` drops the entries of chunks `>= c`, so a
+    re-run of a chunk (e.g. a recompute) replaces it instead of duplicating it.
     """
 
     def __init__(self):
-        self._entries: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-
-    def store(self, layer_idx: int, depth: int, chunk: int, keys, values, valid):
-        """keys/values: `(batch, kv_heads, n, head_dim)`; valid: `(batch, n)` bool."""
-        self._entries.setdefault((layer_idx, depth), {})[chunk] = (keys, values, valid)
+        self._entries: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def past(self, layer_idx: int, depth: int, before_chunk: int):
-        """Concatenated entries of chunks `< before_chunk`, or `None`."""
-        entries = self._entries.get((layer_idx, depth), {})
-        chunks = sorted(c for c in entries if c < before_chunk)
-        if not chunks:
-            return None
-        keys, values, valid = zip(*(entries[c] for c in chunks))
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=1)
+        """Keys `(batch, kv_heads, m, head_dim)`, values and valid `(batch, m)` of all chunks `< before_chunk`, or
+        `None`."""
+        for chunk, keys, values, valid in reversed(self._entries.get((layer_idx, depth), [])):
+            if chunk < before_chunk:
+                return keys, values, valid
+        return None
 
-    def batch_select(self, index: torch.Tensor):
-        """Keep batch rows `index` (e.g. beam reordering); returns self."""
-        for per_chunk in self._entries.values():
-            for chunk, (k, v, m) in per_chunk.items():
-                per_chunk[chunk] = (k[index], v[index], m[index])
-        return self
+    def extend(self, layer_idx: int, depth: int, chunk: int, keys, values, valid):
+        """Append chunk `chunk`'s selected keys/values `(batch, kv_heads, n, head_dim)` and valid `(batch, n)` to
+        those of the earlier chunks; returns the concatenation (earlier chunks first)."""
+        past = self.past(layer_idx, depth, chunk)
+        if past is not None:
+            keys = torch.cat([past[0], keys], dim=2)
+            values = torch.cat([past[1], values], dim=2)
+            valid = torch.cat([past[2], valid], dim=1)
+        entries = [entry for entry in self._entries.get((layer_idx, depth), []) if entry[0] < chunk]
+        self._entries[(layer_idx, depth)] = entries + [(chunk, keys, values, valid)]
+        return keys, values, valid
 
 
 @dataclass
@@ -120,10 +122,27 @@ class VedasPass:
     rotary_emb: nn.Module
     capture_saliency: bool = True
     saliency: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def mean_saliency(self) -> torch.Tensor:
-        """Eq. 4 restricted to the last token: mean over layers and heads, `(batch, past + seq)`."""
-        return torch.stack([self.saliency[i] for i in sorted(self.saliency)]).mean(0)
+        """Eq. 4 restricted to the last token: mean over layers and heads, `(batch, past + seq)` (0 for a row
+        without any attendable key)."""
+        return torch.stack([self.saliency[i] for i in sorted(self.saliency)]).mean(0).nan_to_num(0.0)
+
+    def masked_keys(self) -> torch.Tensor:
+        """`(batch, 1, past + seq)` bool, keys the last token may not attend (computed once per pass)."""
+        if "masked_keys" not in self._memo:
+            self._memo["masked_keys"] = ~self.key_mask[:, None, :]
+        return self._memo["masked_keys"]
+
+    def causal_masks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower-triangular and identity `(n, n)` bool masks (built once per pass and size, shared by the layers)."""
+        if n not in self._memo:
+            self._memo[n] = (
+                torch.ones(n, n, dtype=torch.bool, device=device).tril(),
+                torch.eye(n, dtype=torch.bool, device=device),
+            )
+        return self._memo[n]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,9 +182,11 @@ def select_top_alpha(scores: torch.Tensor, eligible: torch.Tensor, chunks: list,
         k = min(alpha, end - start)
         chunk_scores = scores[:, start:end].masked_fill(~eligible[:, start:end], float("-inf"))
         top = chunk_scores.topk(k, dim=-1)
-        index, order = (top.indices + start).sort(dim=-1)
+        index, order = (top.indices + start if start else top.indices).sort(dim=-1)
         indices.append(index)
-        valids.append(torch.isfinite(top.values).gather(-1, order))
+        valids.append(torch.isfinite(top.values.gather(-1, order)))
+    if len(chunks) == 1:
+        return indices[0], valids[0]
     return torch.cat(indices, dim=1), torch.cat(valids, dim=1)
 
 
@@ -200,7 +221,7 @@ class VedasDecoderLayerMixin:
         if vedas_pass.capture_saliency:
             cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
             vedas_pass.saliency[self.layer_idx] = self._last_token_attention(
-                hidden_states, position_embeddings, cache, vedas_pass.key_mask
+                hidden_states, position_embeddings, cache, vedas_pass.masked_keys()
             )
         if self.router is not None:
             output = self._route(output, position_embeddings, vedas_pass)
@@ -209,24 +230,23 @@ class VedasDecoderLayerMixin:
     # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
 
     @torch.no_grad()
-    def _last_token_attention(self, hidden_states, position_embeddings, cache, key_mask):
+    def _last_token_attention(self, hidden_states, position_embeddings, cache, masked_keys):
         """Head-averaged attention of the last token over every cached key: `(batch, past + seq)`.
 
         Recomputes the last token's query (one token) and reads the keys this layer just wrote to the cache, so it
-        needs neither attention maps nor eager attention: O(heads x keys) memory.
+        needs neither attention maps nor eager attention: O(heads x keys) memory. `masked_keys` `(batch, 1,
+        past + seq)` marks the keys it may not attend; a row without any key comes out NaN (the caller zeroes it).
         """
         attn = self.self_attn
         batch = hidden_states.shape[0]
         query = attn.q_proj(self.input_layernorm(hidden_states[:, -1:]))
         query = query.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
-        cos, sin = position_embeddings
-        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        cos, sin = (t[:, None, -1:] for t in position_embeddings)  # (B, 1, 1, hd)
+        query = query * cos + rotate_half(query) * sin
         keys = cache.layers[self.layer_idx].keys  # (B, Hkv, P, hd), read in place (no repeat / upcast copies)
-        groups = attn.num_key_value_groups
-        query = query.reshape(batch, keys.shape[1], groups, attn.head_dim).to(keys.dtype)  # (B, Hkv, G, hd)
-        logits = (query @ keys.transpose(-1, -2)).float().flatten(1, 2) * attn.scaling  # (B, H, P)
-        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-        return logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=1)
+        query = query.reshape(batch, keys.shape[1], -1, attn.head_dim).to(keys.dtype)  # (B, Hkv, G, hd)
+        logits = (query @ keys.transpose(-1, -2)).flatten(1, 2).float() * attn.scaling  # (B, H, P)
+        return logits.masked_fill(masked_keys, float("-inf")).softmax(dim=-1).mean(dim=1)
 
     # ---- routing depth scaling (eqs. 10-12) ------------------------------------------------------------------
 
@@ -236,21 +256,22 @@ class VedasDecoderLayerMixin:
         h^(d) = s * f_restricted(h^(d-1)) on the selected tokens (eq. 11, s = sigmoid(router logit)), and the
         layer output becomes H^(0) + sum_d e(d) * h^(d) on the selected tokens only (eq. 12).
         """
-        config = vedas_pass.config
-        alpha = config.router_alpha(self.layer_idx)
+        alpha = vedas_pass.config.router_alpha(self.layer_idx)
+        depths = self.router.gate.shape[0]
         state, output = hidden_states, hidden_states
-        for depth in range(self.router.gate.shape[0]):
+        for depth in range(depths):
             logits = self.router(state)
             index, valid = select_top_alpha(logits, vedas_pass.eligible, vedas_pass.chunks, alpha)
             selected = _gather_tokens(state, index)
             cos, sin = self._selected_rotary(position_embeddings, index, valid, depth, vedas_pass)
             refined = self._restricted_pass(selected, cos, sin, valid, depth, vedas_pass)
-            refined = torch.sigmoid(logits.gather(1, index)).unsqueeze(-1).to(refined.dtype) * refined
-            refined = refined * valid.unsqueeze(-1)
+            # s * valid: invalid slots (fewer eligible tokens than alpha) contribute nothing
+            scale = (torch.sigmoid(logits.gather(1, index)) * valid).unsqueeze(-1).to(refined.dtype)  # (B, n, 1)
+            refined = scale * refined  # h^(d), eq. 11
             scatter_index = index.unsqueeze(-1).expand_as(refined)
             output = output.scatter_add(1, scatter_index, refined * self.router.gate[depth].to(refined.dtype))
-            keep = (~valid).unsqueeze(-1)
-            state = state.scatter(1, scatter_index, torch.where(keep, selected, refined))
+            if depth + 1 < depths:  # the next depth refines h^(d); invalid slots keep their input
+                state = state.scatter(1, scatter_index, torch.where(valid.unsqueeze(-1), refined, selected))
         return output
 
     def _selected_rotary(self, position_embeddings, index, valid, depth, vedas_pass):
@@ -277,17 +298,14 @@ class VedasDecoderLayerMixin:
         keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         values = attn.v_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
-        vedas_pass.router_cache.store(self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid)
-
-        causal = torch.ones(n, n, dtype=torch.bool, device=selected.device).tril()
-        mask = causal & valid[:, None, :]  # (B, n, n)
-        mask = mask | torch.eye(n, dtype=torch.bool, device=selected.device)
-        past = vedas_pass.router_cache.past(self.layer_idx, depth, vedas_pass.chunk_index)
-        if past is not None:
-            past_keys, past_values, past_valid = past
-            keys = torch.cat([past_keys, keys], dim=2)
-            values = torch.cat([past_values, values], dim=2)
-            mask = torch.cat([past_valid[:, None, :].expand(-1, n, -1), mask], dim=2)
+        keys, values, key_valid = vedas_pass.router_cache.extend(
+            self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid
+        )  # earlier chunks' selected tokens first: (B, Hkv, m, hd), (B, m)
+        tril, eye = vedas_pass.causal_masks(n, selected.device)
+        mask = tril & (valid[:, None, :] | eye)  # (B, n, n): causal among valid slots, every slot sees itself
+        past = keys.shape[2] - n
+        if past:
+            mask = torch.cat([key_valid[:, None, :past].expand(-1, n, -1), mask], dim=2)
         out = F.scaled_dot_product_attention(
             query,
             repeat_kv(keys, attn.num_key_value_groups),
@@ -815,10 +833,11 @@ class VedasForConditionalGenerationMixin:
             attention_mask = torch.ones_like(input_ids)
         prompt_ids, prompt_mask, prompt_types = self._with_start_marker(input_ids, attention_mask, mm_token_type_ids)
         batch = input_ids.shape[0]
-        phase = self._implicit_phase(
-            prompt_ids, prompt_mask, pixel_values, image_grid_thw, prompt_types,
-            torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device),
-        )
+        with torch.inference_mode():
+            phase = self._implicit_phase(
+                prompt_ids, prompt_mask, pixel_values, image_grid_thw, prompt_types,
+                torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device),
+            )
         placeholder = self.config.latent_token_id
         placeholder = self.config.end_latent_token_id if placeholder is None else placeholder
         end_column = torch.full((batch, 1), self.config.end_latent_token_id, dtype=input_ids.dtype, device=input_ids.device)

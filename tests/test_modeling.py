@@ -245,6 +245,24 @@ def test_nonzero_gate_changes_only_selected_tokens(vedas_dir, vedas_class):
     assert not changed[1, :3].any()
 
 
+def test_router_cache_concatenates_chunks_in_order_and_replaces_a_rerun_chunk():
+    cache = VedasRouterCache()
+
+    def chunk(value, n):  # keys/values (batch 1, 1 kv head, n tokens, head dim 2), valid (1, n)
+        return torch.full((1, 1, n, 2), float(value)), torch.full((1, 1, n, 2), -float(value)), torch.ones(1, n).bool()
+
+    assert cache.past(3, 0, 0) is None
+    keys, values, valid = cache.extend(3, 0, 0, *chunk(1, 2))
+    assert keys.shape == (1, 1, 2, 2) and valid.shape == (1, 2)
+    keys, values, valid = cache.extend(3, 0, 1, *chunk(2, 3))
+    assert keys[0, 0, :, 0].tolist() == [1, 1, 2, 2, 2] and values[0, 0, :, 0].tolist() == [-1, -1, -2, -2, -2]
+    assert cache.past(3, 0, 1)[0][0, 0, :, 0].tolist() == [1, 1]  # only the chunks before 1
+    assert cache.past(3, 1, 2) is None and cache.past(4, 0, 2) is None  # other depth / layer
+    keys, _, _ = cache.extend(3, 0, 1, *chunk(5, 1))  # chunk 1 again: replaced, not appended
+    assert keys[0, 0, :, 0].tolist() == [1, 1, 5]
+    assert cache.past(3, 0, 2)[0][0, 0, :, 0].tolist() == [1, 1, 5]
+
+
 def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, processor, images, vedas_class):
     model = vedas_class.from_pretrained(vedas_dir).eval()
     randomize_gates(model)

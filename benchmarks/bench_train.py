@@ -11,6 +11,8 @@ rendered at stage T_r by `vedas_hf.data.build_stage_example` and collated by `Ve
   vedas  : `model(**batch)`: the KV-cached latent forward (routed prefill, T_r cached passes of K replayed tokens
            + 1 latent, then the rest), CE + lambda * reconstruction loss (eq. 13).
   vedas (recon off): the same with lambda = 0 (no crop re-encoding), to show where the time goes.
+  vedas (crop N px): with `--recon-crop-size N`, the same with the crops resized to N x N pixels instead of their
+           image's size before re-encoding (`recon_crop_size`, a config field; default off).
   naive  : the paper authors' approach (`_common.NaiveReference.train_forward`): every latent pass re-runs the
            whole growing sequence with eager attention and `output_attentions=True`, then a final full pass;
            same routing, replay and reconstruction loss.
@@ -67,6 +69,9 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="minimum timed rounds; default 5 on cpu, 10 on cuda")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--no-recon-variant", action="store_true", help="skip the lambda = 0 variant")
+    parser.add_argument("--recon-crop-size", type=int, default=None,
+                        help="add a variant with recon_crop_size=N (crops re-encoded at N x N px), e.g. 64 on "
+                             "tiny/small, 224 on 2b")
     args = finish_args(parser.parse_args())
     if args.digit_size is None:
         args.digit_size = 224 if args.size == "2b" else 64
@@ -93,7 +98,10 @@ def main():
         "timing": f"{args.warmup} warmup + interleaved rounds (>= {args.reps}, until >= {args.min_time:g} s), median",
     })
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    weight = config.recon_loss_weight
+    weight, crop_size = config.recon_loss_weight, config.recon_crop_size
+    crop_name = f"vedas (crop {args.recon_crop_size} px)"
+    if args.recon_crop_size is not None:  # validate once, before timing
+        type(config)(**{**config.to_dict(), "recon_crop_size": args.recon_crop_size})
 
     def stock_loss():
         return model(**stock_batch).loss
@@ -107,6 +115,13 @@ def main():
             return model(**batch).loss
         finally:
             config.recon_loss_weight = weight
+
+    def vedas_crop_loss():
+        config.recon_crop_size = args.recon_crop_size
+        try:
+            return model(**batch).loss
+        finally:
+            config.recon_crop_size = crop_size
 
     def naive_loss():
         return naive.train_forward(**batch)
@@ -131,6 +146,8 @@ def main():
     variants = {"stock": lambda: step(stock_loss), "vedas": lambda: step(vedas_loss)}
     if not args.no_recon_variant:
         variants["vedas (recon off)"] = lambda: step(vedas_no_recon_loss)
+    if args.recon_crop_size is not None:
+        variants[crop_name] = lambda: step(vedas_crop_loss)
     if naive is not None:
         variants["naive"] = lambda: step(naive_loss)
     times = interleaved(variants, args.reps, args.warmup, args.device, min_time=args.min_time,
@@ -155,6 +172,8 @@ def main():
     add("vedas_over_stock", "vedas/stock time per step", "vedas", "stock", 1.8)
     if "vedas (recon off)" in med:
         add("vedas_no_recon_over_stock", "vedas (recon off)/stock time per step", "vedas (recon off)", "stock")
+    if crop_name in med:
+        add("vedas_crop_over_stock", f"{crop_name}/stock time per step", crop_name, "stock", 1.8)
     if naive is not None:
         add("naive_over_vedas", "naive/vedas time per step", "naive", "vedas", 2, True)
     print("\n".join(lines))

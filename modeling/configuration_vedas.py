@@ -91,6 +91,12 @@ _VEDAS_ARGS_DOC = """
             0..n-1 over the selected set (table 5d).
         recon_window (`int`, *optional*, defaults to 3):
             W, side of the densest window on the merged visual grid that is cropped and re-encoded (eq. 7).
+        recon_crop_size (`int`, *optional*):
+            Side in pixels of the square the crop is resized to before it is re-encoded (eq. 8: "the standard
+            encoder input resolution"); a multiple of `vision_config.patch_size * vision_config.spatial_merge_size`
+            (28 for the Qwen2-VL backbones). `None` (default) resizes the crop to its image's own height x width.
+            Sets the cost of the reconstruction loss: the vision tower re-encodes one crop per latent step and
+            sample, `(recon_crop_size / patch_size) ** 2` patches each.
         token_sr (`str`, *optional*, defaults to `"linear"`):
             TokenSR mapping pooled replay tokens to the re-encoded crop (table 4): `"linear"` or `"mlp"`.
         recon_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -116,6 +122,7 @@ class VedasConfigMixin:
     router_depth: int = 1
     router_positions: str = "keep"
     recon_window: int = 3
+    recon_crop_size: int | None = None
     token_sr: str = "linear"
     recon_loss_weight: float = 1.0
 
@@ -149,7 +156,20 @@ class VedasConfigMixin:
         if not isinstance(self.recon_loss_weight, (int, float)) or self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight!r} must be a number >= 0.")
         resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
+        self._validate_recon_crop_size()
         self._validate_token_ids()
+
+    def _validate_recon_crop_size(self):
+        size = self.recon_crop_size
+        if size is None:
+            return
+        cell = self.vision_config.patch_size * self.vision_config.spatial_merge_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < cell or size % cell:
+            nearest = f" (nearest: {max(1, round(size / cell)) * cell})" if isinstance(size, (int, float)) else ""
+            raise ValueError(
+                f"recon_crop_size={size!r} must be None (crops resized to their image's size) or a positive multiple "
+                f"of patch_size * spatial_merge_size = {cell} pixels{nearest}."
+            )
 
     def _validate_token_ids(self):
         latent_ids = {

@@ -659,7 +659,8 @@ class VedasForConditionalGenerationMixin:
         """Per latent step, the mean over rows with a replay window of `mse(TokenSR(pool(B(t))), u_ref)` (eqs. 8-9).
 
         The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the step's
-        selected tokens, cropped from `pixel_values` and resized back to the image's size; it is computed without
+        selected tokens, cropped from `pixel_values` and resized to `recon_crop_size` (default: back to the image's
+        size); it is computed without
         gradient (a self-distillation target). The windows of all steps are searched on the host after one copy of
         the selections and re-encoded in a single vision-tower call.
         """
@@ -687,23 +688,32 @@ class VedasForConditionalGenerationMixin:
         return losses
 
     def _encode_crops(self, windows, pixel_values, grids: list):
-        """Re-encode each window crop (resized to its image's size) and mean-pool: `(n_windows, hidden)`.
+        """Re-encode each window crop and mean-pool: `(n_windows, hidden)`.
 
-        `grids` is `image_grid_thw` as a list of `[t, h, w]`."""
+        A crop is resized (bilinear) to `recon_crop_size x recon_crop_size` pixels, or to its image's size when that
+        is `None`. `grids` is `image_grid_thw` as a list of `[t, h, w]`."""
         vision = self.config.vision_config
         offsets = [0]
         for t, h, w in grids:
             offsets.append(offsets[-1] + t * h * w)
         cell = vision.spatial_merge_size * vision.patch_size
+        crop_side = self.config.recon_crop_size
+        frames = {}  # image -> (t*Tp, C, H, W), un-patchified once per image
         crops, crop_grids = [], []
         for window in windows:
             image, top, left, size = window["image"], window["row"], window["col"], window["size"]
             grid = grids[image]
-            frames = unpatchify(pixel_values[offsets[image] : offsets[image + 1]], grid, vision)
-            crop = frames[..., top * cell : (top + size) * cell, left * cell : (left + size) * cell]
-            crop = F.interpolate(crop.float(), size=frames.shape[-2:], mode="bilinear", align_corners=False)
-            crops.append(patchify(crop.to(pixel_values.dtype), grid, vision))
-            crop_grids.append(grid)
+            if image not in frames:
+                frames[image] = unpatchify(pixel_values[offsets[image] : offsets[image + 1]], grid, vision)
+            crop = frames[image][..., top * cell : (top + size) * cell, left * cell : (left + size) * cell]
+            if crop_side is None:
+                out_size, crop_grid = frames[image].shape[-2:], grid
+            else:
+                side = crop_side // vision.patch_size
+                out_size, crop_grid = (crop_side, crop_side), [grid[0], side, side]
+            crop = F.interpolate(crop.float(), size=out_size, mode="bilinear", align_corners=False)
+            crops.append(patchify(crop.to(pixel_values.dtype), crop_grid, vision))
+            crop_grids.append(crop_grid)
         grid_thw = torch.tensor(crop_grids, dtype=torch.long, device=pixel_values.device)
         features = self.model.get_image_features(torch.cat(crops), grid_thw).pooler_output
         return torch.stack([f.mean(dim=0) for f in features])

@@ -209,6 +209,52 @@ def test_unpatchify_round_trip_and_full_window_crop(processor, images, vedas_dir
         assert torch.equal(frames[0], frames[1])
 
 
+def whole_image_window(batch):
+    """The window covering all of the first (square) image of a batch, and the batch's grids as lists."""
+    grids = batch["image_grid_thw"].tolist()
+    _, h, w = grids[0]
+    assert h == w, grids[0]
+    return {"image": 0, "row": 0, "col": 0, "size": h // 2}, grids
+
+
+@pytest.mark.parametrize("crop_size", [None, 32])
+def test_whole_image_crop_reencodes_the_image_itself(vedas_dir, processor, images, crop_size):
+    """A window over the whole 32 x 32 image, resized to the image's size (default) or to 32 px, is the image:
+    the target must equal the mean of the image's own vision features."""
+    model = load(vedas_dir, recon_crop_size=crop_size)
+    batch = make_batch(processor, ["a", "b"], [[images[0]], [images[2]]])
+    window, grids = whole_image_window(batch)
+    with torch.no_grad():
+        target = model._encode_crops([window], batch["pixel_values"], grids)
+        own = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output[0]
+    assert target.shape == (1, model.config.text_config.hidden_size)
+    torch.testing.assert_close(target[0], own.mean(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_recon_crop_size_sets_the_resolution_of_the_reencoded_crops(vedas_dir, processor, images, monkeypatch):
+    batch = make_batch(processor, ["a", "b"], [[images[0]], [images[3]]])
+    window, grids = whole_image_window(batch)
+    windows = [window, {"image": 1, "row": 1, "col": 2, "size": 2}]
+    seen = []
+    targets = {}
+    for crop_size in (None, 16, 48):
+        model = load(vedas_dir, recon_crop_size=crop_size)
+        stock = model.model.get_image_features
+        monkeypatch.setattr(model.model, "get_image_features",
+                            lambda rows, grid: seen.append((rows.shape[0], grid.tolist())) or stock(rows, grid))
+        with torch.no_grad():
+            targets[crop_size] = model._encode_crops(windows, batch["pixel_values"], grids)
+    patch = model.config.vision_config.patch_size
+    side = {16: 16 // patch, 48: 48 // patch}
+    assert seen[0] == (sum(t * h * w for t, h, w in grids), grids)  # default: each crop at its image's size
+    for (rows, crop_grids), crop_size in zip(seen[1:], (16, 48)):
+        assert crop_grids == [[1, side[crop_size], side[crop_size]]] * 2
+        assert rows == 2 * side[crop_size] ** 2
+    # a different resolution is a different target (the vision tower sees other patches)
+    assert not torch.allclose(targets[16], targets[48])
+    assert not torch.allclose(targets[None][1], targets[48][1])
+
+
 def test_replay_window_picks_the_image_with_most_selections(processor, images, vedas_dir):
     model = load(vedas_dir)
     batch = make_batch(processor, ["two images"], [[images[0], images[2]]])
@@ -244,6 +290,28 @@ def test_backward_reaches_routers_token_sr_and_llm(vedas_dir, processor, images)
     assert model.token_sr.net.weight.grad.abs().sum() > 0
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_recon_crop_size_trains_with_cheaper_crops(vedas_dir, processor, images, monkeypatch):
+    model = load(vedas_dir, recon_crop_size=16).train()
+    seq, labels = training_batch(processor, model, images)
+    grids = []
+    stock = model.model.get_image_features
+    monkeypatch.setattr(model.model, "get_image_features",
+                        lambda rows, grid: grids.append(grid.tolist()) or stock(rows, grid))
+    out = model(**seq, labels=labels)
+    side = 16 // model.config.vision_config.patch_size
+    assert grids[0] == seq["image_grid_thw"].tolist()  # the prompt's images
+    assert len(grids) == 2 and grids[1] == [[1, side, side]] * len(grids[1]) and len(grids[1]) >= 2  # the crops
+    assert torch.isfinite(out.recon_loss) and out.recon_loss > 0
+    torch.testing.assert_close(out.loss, out.ce_loss + model.config.recon_loss_weight * out.recon_loss)
+    default = load(vedas_dir).train()
+    default.load_state_dict(model.state_dict())
+    reference = default(**seq, labels=labels)
+    torch.testing.assert_close(out.ce_loss, reference.ce_loss)  # only the target changes
+    assert not torch.allclose(out.recon_loss, reference.recon_loss)
+    out.loss.backward()
+    assert model.token_sr.net.weight.grad.abs().sum() > 0
 
 
 def test_recon_loss_zero_weight_and_absent_at_inference(vedas_dir, processor, images):

@@ -166,7 +166,7 @@ def test_every_config_field_round_trips(tmp_path, config_class):
         latent_token_id=11, start_latent_token_id=12, end_latent_token_id=13, num_latent_steps=3,
         replay_mode="soft_mix", replay_top_k=7, router_layers=[0, 2], router_top_k=5, router_schedule="cosine",
         router_alpha_start=40, router_alpha_end=8, router_depth=2, router_positions="rearrange", recon_window=2,
-        token_sr="mlp", recon_loss_weight=0.2,
+        recon_crop_size=56, token_sr="mlp", recon_loss_weight=0.2,
     )
     config = config_class(text_config={"num_hidden_layers": 3, "vocab_size": 100}, **fields)
     config.save_pretrained(tmp_path)
@@ -296,6 +296,9 @@ def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, process
         ({"router_depth": 0}, "router_depth=0"),
         ({"replay_mode": "all"}, "replay_mode='all'"),
         ({"recon_loss_weight": -1.0}, "recon_loss_weight"),
+        ({"recon_crop_size": 100}, r"recon_crop_size=100 .* = 28 pixels \(nearest: 112\)"),
+        ({"recon_crop_size": 0}, "recon_crop_size=0"),
+        ({"recon_crop_size": "448"}, "recon_crop_size='448'"),
         ({"latent_token_id": 5, "end_latent_token_id": 5}, "end_latent_token_id=5"),
         ({"latent_token_id": 10_000}, "latent_token_id=10000"),
     ],

@@ -62,6 +62,26 @@ def test_config_validation(tmp_path):
     assert make_args(tmp_path, curriculum=False).stage_for_epoch(0) == 2
     assert make_args(tmp_path, cot_baseline=True).stage_for_epoch(7) == 0
     assert args.gradient_checkpointing is False and args.remove_unused_columns is False
+    with pytest.raises(ValueError, match="recon_crop_size=0"):
+        make_args(tmp_path, recon_crop_size=0)
+
+
+def test_recon_crop_size_argument_sets_the_model_config(tiny_dir, records, tmp_path):
+    model, processor = load(tiny_dir)
+    cell = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    with pytest.raises(ValueError, match=f"recon_crop_size={cell + 1} .* = {cell} pixels"):
+        VedasSFTTrainer(model=model, args=make_args(tmp_path, recon_crop_size=cell + 1), train_dataset=records,
+                        processing_class=processor)
+    assert model.config.recon_crop_size is None  # left as it was
+    trainer = VedasSFTTrainer(model=model, args=make_args(tmp_path, recon_crop_size=2 * cell, max_steps=2,
+                                                                 curriculum=False),
+                              train_dataset=records[:8], processing_class=processor,
+                              peft_config=vedas_lora_config(r=4, lora_alpha=8))
+    assert trainer.model.get_base_model().config.recon_crop_size == 2 * cell
+    trainer.train()
+    assert trainer.state.global_step == 2
+    recon = [log["recon_loss"] for log in trainer.state.log_history if "recon_loss" in log]
+    assert len(recon) == 2 and all(value > 0 for value in recon)
 
 
 def test_lora_training_loss_decreases_and_trainable_parameters_change(tiny_dir, records, tmp_path):

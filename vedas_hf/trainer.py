@@ -43,6 +43,10 @@ class VedasSFTConfig(SFTConfig):
             Advance through stages 0..max; when `False`, train at `max_latent_stage` from the first step.
         recon_loss_weight (`float` or `None`, *optional*, defaults to `None`):
             lambda of eq. 13; `None` keeps the model config's `recon_loss_weight`.
+        recon_crop_size (`int` or `None`, *optional*, defaults to `None`):
+            Side in pixels of the square each reconstruction crop is resized to before it is re-encoded (a multiple
+            of the vision tower's `patch_size * spatial_merge_size`); `None` keeps the model config's
+            `recon_crop_size` (by default: crops resized to their image's size). Sets the model config's field.
         cot_baseline (`bool`, *optional*, defaults to `False`):
             Evaluation baseline: train on the full explicit reasoning chain, never latents.
         no_cot_baseline (`bool`, *optional*, defaults to `False`):
@@ -66,6 +70,9 @@ class VedasSFTConfig(SFTConfig):
     max_latent_stage: int = field(default=4, metadata={"help": "Last curriculum stage (max latents)."})
     curriculum: bool = field(default=True, metadata={"help": "Advance stages; False trains at the last stage."})
     recon_loss_weight: float | None = field(default=None, metadata={"help": "lambda of eq. 13 (None: model config)."})
+    recon_crop_size: int | None = field(
+        default=None, metadata={"help": "Re-encode reconstruction crops at N x N pixels (None: model config)."}
+    )
     cot_baseline: bool = field(default=False, metadata={"help": "Train on explicit CoT only (baseline)."})
     no_cot_baseline: bool = field(default=False, metadata={"help": "Train on answers only (baseline)."})
     pad_latent_to_max: bool = field(default=True, metadata={"help": "Always use `stage` latents."})
@@ -88,6 +95,8 @@ class VedasSFTConfig(SFTConfig):
             raise ValueError(f"max_latent_stage={self.max_latent_stage} must be >= 0.")
         if self.recon_loss_weight is not None and self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight} must be >= 0.")
+        if self.recon_crop_size is not None and self.recon_crop_size < 1:
+            raise ValueError(f"recon_crop_size={self.recon_crop_size} must be >= 1 pixels (or None).")
 
     @property
     def data_mode(self) -> str:
@@ -223,6 +232,19 @@ class VedasSFTTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = False
         if args.recon_loss_weight is not None:
             self._vedas_config().recon_loss_weight = args.recon_loss_weight
+        if args.recon_crop_size is not None:
+            self._set_recon_crop_size(args.recon_crop_size)
+
+    def _set_recon_crop_size(self, size: int):
+        """Set the model config's `recon_crop_size`, validated against its vision tower (the config is unchanged on
+        error)."""
+        config = self._vedas_config()
+        previous, config.recon_crop_size = config.recon_crop_size, size
+        try:
+            config._validate_recon_crop_size()
+        except ValueError:
+            config.recon_crop_size = previous
+            raise
 
     def _vedas_config(self):
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -100,8 +100,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     weight, crop_size = config.recon_loss_weight, config.recon_crop_size
     crop_name = f"vedas (crop {args.recon_crop_size} px)"
-    if args.recon_crop_size is not None:  # validate once, before timing
-        type(config)(**{**config.to_dict(), "recon_crop_size": args.recon_crop_size})
+    config.check_recon_crop_size(args.recon_crop_size)  # a clear error before timing
 
     def stock_loss():
         return model(**stock_batch).loss

@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import TrlParser
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import dataset_adapter, load_records
+from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records
 from vedas_hf.eval import evaluate
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 
@@ -40,7 +40,7 @@ class VedasScriptArguments:
         default=None, metadata={"help": "JSON/JSONL records or an image folder with metadata.jsonl (None: a bundled task)."}
     )
     eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation records."})
-    dataset_format: str = field(default="canonical", metadata={"help": "canonical | m3cot | scienceqa"})
+    dataset_format: str = field(default="canonical", metadata={"help": " | ".join(DATASET_FORMATS)})
     toy_task: str = field(default="digits", metadata={"help": "Bundled task: digits | shapes (vedas_hf.toy)."})
     num_train_samples: int = field(default=3000, metadata={"help": "Bundled task: training samples."})
     num_eval_samples: int = field(default=200, metadata={"help": "Bundled task: evaluation samples."})

@@ -156,11 +156,12 @@ class VedasConfigMixin:
         if not isinstance(self.recon_loss_weight, (int, float)) or self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight!r} must be a number >= 0.")
         resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
-        self._validate_recon_crop_size()
+        self.check_recon_crop_size(self.recon_crop_size)
         self._validate_token_ids()
 
-    def _validate_recon_crop_size(self):
-        size = self.recon_crop_size
+    def check_recon_crop_size(self, size):
+        """`ValueError` unless `size` is a valid `recon_crop_size` for this vision tower: `None` or a positive
+        multiple of `patch_size * spatial_merge_size`."""
         if size is None:
             return
         cell = self.vision_config.patch_size * self.vision_config.spatial_merge_size

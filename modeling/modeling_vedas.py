@@ -660,9 +660,8 @@ class VedasForConditionalGenerationMixin:
 
         The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the step's
         selected tokens, cropped from `pixel_values` and resized to `recon_crop_size` (default: back to the image's
-        size); it is computed without
-        gradient (a self-distillation target). The windows of all steps are searched on the host after one copy of
-        the selections and re-encoded in a single vision-tower call.
+        size); it is computed without gradient (a self-distillation target). The windows of all steps are searched
+        on the host after one copy of the selections and re-encoded in a single vision-tower call.
         """
         layout = image_layout(input_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
         selections = torch.stack([torch.stack([step["index"], step["valid"].long()]) for step in trace]).cpu()
@@ -698,6 +697,7 @@ class VedasForConditionalGenerationMixin:
             offsets.append(offsets[-1] + t * h * w)
         cell = vision.spatial_merge_size * vision.patch_size
         crop_side = self.config.recon_crop_size
+        side = None if crop_side is None else crop_side // vision.patch_size  # patches per side of a fixed-size crop
         frames = {}  # image -> (t*Tp, C, H, W), un-patchified once per image
         crops, crop_grids = [], []
         for window in windows:
@@ -709,7 +709,6 @@ class VedasForConditionalGenerationMixin:
             if crop_side is None:
                 out_size, crop_grid = frames[image].shape[-2:], grid
             else:
-                side = crop_side // vision.patch_size
                 out_size, crop_grid = (crop_side, crop_side), [grid[0], side, side]
             crop = F.interpolate(crop.float(), size=out_size, mode="bilinear", align_corners=False)
             crops.append(patchify(crop.to(pixel_values.dtype), crop_grid, vision))

@@ -233,18 +233,9 @@ class VedasSFTTrainer(SFTTrainer):
         if args.recon_loss_weight is not None:
             self._vedas_config().recon_loss_weight = args.recon_loss_weight
         if args.recon_crop_size is not None:
-            self._set_recon_crop_size(args.recon_crop_size)
-
-    def _set_recon_crop_size(self, size: int):
-        """Set the model config's `recon_crop_size`, validated against its vision tower (the config is unchanged on
-        error)."""
-        config = self._vedas_config()
-        previous, config.recon_crop_size = config.recon_crop_size, size
-        try:
-            config._validate_recon_crop_size()
-        except ValueError:
-            config.recon_crop_size = previous
-            raise
+            config = self._vedas_config()
+            config.check_recon_crop_size(args.recon_crop_size)  # against the vision tower, before anything changes
+            config.recon_crop_size = args.recon_crop_size
 
     def _vedas_config(self):
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -14,7 +14,8 @@ steps); answer tokens run the stock layers:
 * Reconstruction (eqs. 7-9, training only): the densest W x W window of the selected tokens is cropped from
   `pixel_values`, re-encoded by the vision tower and regressed by TokenSR from the pooled replay tokens.
 
-Latent steps run against a KV cache: each step processes only its new tokens (replay + latent).
+Latent steps run against a KV cache: each step processes only its new tokens (replay + latent). Under activation
+checkpointing the backward replay of a layer reads the cache as it was and writes nothing (`LatentPass`).
 
 This file is uploaded to the Hub; it imports only torch, transformers and `configuration_vedas`.
 """
@@ -85,21 +86,74 @@ class VedasRouterCache:
                 return keys, values, valid
         return None
 
-    def extend(self, layer_idx: int, depth: int, chunk: int, keys, values, valid):
+    def extend(self, layer_idx: int, depth: int, chunk: int, keys, values, valid, store: bool = True):
         """Append chunk `chunk`'s selected keys/values `(batch, kv_heads, n, head_dim)` and valid `(batch, n)` to
-        those of the earlier chunks; returns the concatenation (earlier chunks first)."""
+        those of the earlier chunks; returns the concatenation (earlier chunks first). `store=False` (a checkpoint
+        replay) returns it without storing."""
         past = self.past(layer_idx, depth, chunk)
         if past is not None:
             keys = torch.cat([past[0], keys], dim=2)
             values = torch.cat([past[1], values], dim=2)
             valid = torch.cat([past[2], valid], dim=1)
-        entries = [entry for entry in self._entries.get((layer_idx, depth), []) if entry[0] < chunk]
-        self._entries[(layer_idx, depth)] = entries + [(chunk, keys, values, valid)]
+        if store:
+            entries = [entry for entry in self._entries.get((layer_idx, depth), []) if entry[0] < chunk]
+            self._entries[(layer_idx, depth)] = entries + [(chunk, keys, values, valid)]
         return keys, values, valid
 
 
-@dataclass
-class VedasPass:
+class _ReplayLayerCache:
+    """The KV cache as one decoder layer sees it when activation checkpointing replays the layer in the backward
+    pass: by then the cache also holds every later pass, so the replay reads the first `past_length` keys/values (what
+    the layer saw the first time) and appends nothing."""
+
+    def __init__(self, cache, past_length: int):
+        self.cache, self.past_length = cache, past_length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Keys/values `(batch, kv_heads, past_length + seq, head_dim)` of the replayed call, cache unchanged."""
+        if self.past_length == 0:
+            return key_states, value_states
+        layer = self.cache.layers[layer_idx]
+        keys = layer.keys[..., : self.past_length, :]
+        values = layer.values[..., : self.past_length, :]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+@dataclass(kw_only=True)
+class LatentPass:
+    """One call of the language model inside the latent forward, against the KV cache shared by all passes.
+
+    Activation checkpointing (`gradient_checkpointing_enable()`, FSDP's or torch's checkpoint wrappers) re-runs each
+    decoder layer in the backward pass with the same arguments, this object included. The pass records the cache
+    length each layer saw on its first run, so a second run of the same layer is known to be a replay: it reads
+    that prefix of the cache and writes nothing (neither KV cache nor router cache), which keeps gradients through
+    the cache exact.
+
+    Attributes:
+        grad_enabled: whether gradients were on when the pass started.
+        past_lengths: layer index -> cache length before that layer's first run in this pass.
+    """
+
+    grad_enabled: bool = field(default_factory=torch.is_grad_enabled)
+    past_lengths: dict = field(default_factory=dict)
+
+    def layer_cache(self, cache, layer_idx: int):
+        """The cache to hand to layer `layer_idx`'s attention and whether this run is a checkpoint replay."""
+        if layer_idx in self.past_lengths:
+            return _ReplayLayerCache(cache, self.past_lengths[layer_idx]), True
+        if self.grad_enabled and not torch.is_grad_enabled():
+            raise ValueError(
+                "Reentrant activation checkpointing (use_reentrant=True) runs the layers without gradients, which "
+                "cuts the gradient that flows between latent passes through the KV cache. Use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default; TRL forces True "
+                "only for PEFT with DeepSpeed ZeRO-3), or turn gradient checkpointing off."
+            )
+        self.past_lengths[layer_idx] = cache.get_seq_length(layer_idx)
+        return cache, False
+
+
+@dataclass(kw_only=True)
+class VedasPass(LatentPass):
     """What the decoder layers need for one routed forward call (one or several implicit-phase chunks).
 
     Attributes:
@@ -207,8 +261,19 @@ class VedasDecoderLayerMixin:
         self.layer_idx = layer_idx
         self.router = VedasRouter(config.hidden_size, router_depth) if router_depth else None
 
+    # The cache survives transformers' gradient checkpointing here: a latent pass makes its replays read-only (see
+    # `LatentPass`), and a stock call drops it below, as transformers does for layers that write the cache.
+    _can_checkpoint_with_cache = True
+
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         vedas_pass = kwargs.pop("vedas_pass", None)
+        cache_name = CACHE_KWARG if CACHE_KWARG in kwargs else "past_key_values"
+        cache = kwargs.get(cache_name)
+        replay = False
+        if cache is not None and vedas_pass is not None and (torch.is_grad_enabled() or vedas_pass.grad_enabled):
+            kwargs[cache_name], replay = vedas_pass.layer_cache(cache, self.layer_idx)
+        elif cache is not None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            kwargs[cache_name] = None  # a stock call: its replay would append to the cache a second time
         output = super().forward(
             hidden_states,
             attention_mask=attention_mask,
@@ -216,15 +281,16 @@ class VedasDecoderLayerMixin:
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        if vedas_pass is None:
+        if not isinstance(vedas_pass, VedasPass):
             return output
-        if vedas_pass.capture_saliency:
-            cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        if self.router is not None:
+            output = self._route(output, position_embeddings, vedas_pass, store=not replay)
+        # Saliency comes last: a checkpoint replay skips it, and must draw the same random numbers (dropout, e.g. in
+        # LoRA layers) as the first run up to its last saved activation.
+        if vedas_pass.capture_saliency and not replay:
             vedas_pass.saliency[self.layer_idx] = self._last_token_attention(
                 hidden_states, position_embeddings, cache, vedas_pass.masked_keys()
             )
-        if self.router is not None:
-            output = self._route(output, position_embeddings, vedas_pass)
         return output
 
     # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
@@ -250,11 +316,12 @@ class VedasDecoderLayerMixin:
 
     # ---- routing depth scaling (eqs. 10-12) ------------------------------------------------------------------
 
-    def _route(self, hidden_states, position_embeddings, vedas_pass: VedasPass):
+    def _route(self, hidden_states, position_embeddings, vedas_pass: VedasPass, store: bool = True):
         """Refine the top-alpha tokens of each chunk of `hidden_states` `(batch, seq, hidden)`.
 
         h^(d) = s * f_restricted(h^(d-1)) on the selected tokens (eq. 11, s = sigmoid(router logit)), and the
-        layer output becomes H^(0) + sum_d e(d) * h^(d) on the selected tokens only (eq. 12).
+        layer output becomes H^(0) + sum_d e(d) * h^(d) on the selected tokens only (eq. 12). `store=False` (a
+        checkpoint replay) leaves the router cache unchanged.
         """
         alpha = vedas_pass.config.router_alpha(self.layer_idx)
         depths = self.router.gate.shape[0]
@@ -264,7 +331,7 @@ class VedasDecoderLayerMixin:
             index, valid = select_top_alpha(logits, vedas_pass.eligible, vedas_pass.chunks, alpha)
             selected = _gather_tokens(state, index)
             cos, sin = self._selected_rotary(position_embeddings, index, valid, depth, vedas_pass)
-            refined = self._restricted_pass(selected, cos, sin, valid, depth, vedas_pass)
+            refined = self._restricted_pass(selected, cos, sin, valid, depth, vedas_pass, store)
             # s * valid: invalid slots (fewer eligible tokens than alpha) contribute nothing
             scale = (torch.sigmoid(logits.gather(1, index)) * valid).unsqueeze(-1).to(refined.dtype)  # (B, n, 1)
             refined = scale * refined  # h^(d), eq. 11
@@ -284,7 +351,7 @@ class VedasDecoderLayerMixin:
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0) + offset  # (B, n)
         return vedas_pass.rotary_emb(position_embeddings[0], positions.unsqueeze(0).expand(3, -1, -1))
 
-    def _restricted_pass(self, selected, cos, sin, valid, depth, vedas_pass):
+    def _restricted_pass(self, selected, cos, sin, valid, depth, vedas_pass, store=True):
         """The layer's transformation f over the selected tokens only: `(batch, n, hidden)` -> same.
 
         Attention: a selected token sees the valid selected tokens of earlier chunks and the earlier (or same)
@@ -299,7 +366,7 @@ class VedasDecoderLayerMixin:
         values = attn.v_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
         keys, values, key_valid = vedas_pass.router_cache.extend(
-            self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid
+            self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid, store
         )  # earlier chunks' selected tokens first: (B, Hkv, m, hd), (B, m)
         tril, eye = vedas_pass.causal_masks(n, selected.device)
         mask = tril & (valid[:, None, :] | eye)  # (B, n, n): causal among valid slots, every slot sees itself
@@ -529,13 +596,14 @@ class VedasForConditionalGenerationMixin:
 
     # ---- one cached pass through the language model ---------------------------------------------------------
 
-    def _language_pass(self, embeds, positions, full_mask, cache, vedas_pass=None):
-        """Run `embeds` `(batch, seq, hidden)` against `cache`; returns final-norm hidden states `(batch, seq, hidden)`."""
-        kwargs = {CACHE_KWARG: cache}
-        if vedas_pass is not None:
-            kwargs["vedas_pass"] = vedas_pass
+    def _language_pass(self, embeds, positions, full_mask, cache, vedas_pass: LatentPass | None = None):
+        """Run `embeds` `(batch, seq, hidden)` against `cache` (which it extends); returns final-norm hidden states
+        `(batch, seq, hidden)`. `vedas_pass` defaults to a stock-layer pass."""
         out = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=True, **kwargs
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+            vedas_pass=LatentPass() if vedas_pass is None else vedas_pass,
+            # the cache is passed in: `use_cache` would only create one, and makes checkpointed layers warn
+            use_cache=False, **{CACHE_KWARG: cache},
         )
         return out.last_hidden_state
 
@@ -765,11 +833,6 @@ class VedasForConditionalGenerationMixin:
         for name, value in (("inputs_embeds", inputs_embeds), ("pixel_values_videos", pixel_values_videos)):
             if value is not None:
                 raise ValueError(f"The latent forward does not support `{name}`; pass `input_ids` and images only.")
-        if self.training and self.model.language_model.gradient_checkpointing:
-            raise ValueError(
-                "Gradient checkpointing is not supported for the latent forward (the latent passes reuse the KV "
-                "cache); call model.gradient_checkpointing_disable()."
-            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         start, end, step_active = latent_block(input_ids, attention_mask, latent_id)

@@ -1,5 +1,5 @@
 """Latent reasoning: cached vs uncached, train/inference consistency, batching, replay modes, window search,
-crop round trip, gradients and the reconstruction loss."""
+crop round trip, gradients (with and without activation checkpointing) and the reconstruction loss."""
 
 import itertools
 
@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicCache
 
 from conftest import make_batch, split_batch
 from test_modeling import latent_sequence, randomize_gates
+from vedas_hf.modeling import modeling_vedas
 from vedas_hf.modeling.modeling_vedas import (
     VedasRouterCache,
     _visual_positions,
@@ -290,6 +291,82 @@ def test_backward_reaches_routers_token_sr_and_llm(vedas_dir, processor, images)
     assert model.token_sr.net.weight.grad.abs().sum() > 0
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def enable_checkpointing(model, **kwargs):
+    """`activation_checkpointing_enable` (transformers >= 5.24) or its older name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+class CheckpointWrapper(torch.nn.Module):
+    """What FSDP's activation checkpointing does: the layer called through `torch.utils.checkpoint`."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
+def loss_and_gradients(model, batch, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mechanism", ["transformers", "torch_wrapper"])
+def test_activation_checkpointing_gives_the_same_gradients(vedas_dir, processor, images, monkeypatch, mechanism):
+    """Every layer of every latent pass is replayed in the backward pass against a cache that by then holds later
+    passes; loss and every gradient (routers, TokenSR, LLM, vision) must equal plain training."""
+    model = load(vedas_dir).train()
+    seq, labels = training_batch(processor, model, images)
+    reference_loss, reference = loss_and_gradients(model, seq, labels)
+    replays = []
+    replay_cache = modeling_vedas._ReplayLayerCache
+    monkeypatch.setattr(modeling_vedas, "_ReplayLayerCache", lambda *a: replays.append(a) or replay_cache(*a))
+    layers = model.model.language_model.layers
+    if mechanism == "transformers":
+        enable_checkpointing(model)
+        assert all(layer.gradient_checkpointing for layer in layers)
+    else:
+        for i, layer in enumerate(layers):
+            layers[i] = CheckpointWrapper(layer)
+    loss, gradients = loss_and_gradients(model, seq, labels)
+    passes = 1 + 2 + 1  # prompt, 2 latent steps, the rest of the sequence
+    assert len(replays) == passes * len(layers)
+    assert torch.equal(loss, reference_loss)
+    assert all(g is not None for g in reference) and model.token_sr.net.weight.grad.abs().sum() > 0
+    for gradient, expected in zip(gradients, reference):
+        torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_is_a_clear_error(vedas_dir, processor, images):
+    model = load(vedas_dir).train()
+    seq, labels = training_batch(processor, model, images)
+    enable_checkpointing(model, use_reentrant=True)
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*'use_reentrant': False"):
+        model(**seq, labels=labels)
+
+
+def test_checkpointed_stock_forward_drops_the_cache_like_transformers(vedas_dir, processor, images):
+    """A stock (latent-free) training forward under checkpointing leaves an explicit cache empty, as transformers
+    does for every layer that writes the cache; keeping it would append twice on the backward replay."""
+    model = load(vedas_dir).train()
+    seq, labels = training_batch(processor, model, images)
+    seq["input_ids"] = seq["input_ids"].masked_fill(seq["input_ids"] == model.config.latent_token_id, 40)
+    reference_loss, reference = loss_and_gradients(model, seq, labels)
+    enable_checkpointing(model)
+    cache = DynamicCache(config=model.config.text_config)
+    loss, gradients = loss_and_gradients(model, {**seq, modeling_vedas.CACHE_KWARG: cache}, labels)
+    assert cache.get_seq_length() == 0
+    assert torch.equal(loss, reference_loss)
+    for gradient, expected in zip(gradients, reference):
+        torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_recon_crop_size_trains_with_cheaper_crops(vedas_dir, processor, images, monkeypatch):

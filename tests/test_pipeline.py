@@ -24,7 +24,7 @@ def test_latent_model_beats_chance_on_the_bundled_task(tmp_path):
         output_dir=str(tmp_path / "vedas"), max_latent_stage=latent_steps, epochs_per_stage=1,
         num_train_epochs=6, per_device_train_batch_size=32, learning_rate=2e-3,
         lr_scheduler_type="cosine", warmup_steps=20, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=False, seed=0, disable_tqdm=True,
     )
     trainer = VedasSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
     trainer.train()

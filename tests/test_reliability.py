@@ -254,7 +254,7 @@ def fault_args(output_dir, **overrides):
     defaults = dict(output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=2e-3, num_train_epochs=4,
                     epochs_per_stage=2, max_latent_stage=2, lr_scheduler_type="constant", logging_steps=1,
                     save_strategy="steps", save_steps=3, report_to="none", seed=0, use_cpu=True,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0, gradient_checkpointing=False)
     return VedasSFTConfig(**{**defaults, **overrides})
 
 

@@ -246,12 +246,14 @@ def reading_records(records: list[dict]) -> list[dict]:
 def toy_sft_config(output_dir: str, **fields):
     """`VedasSFTConfig` for training on a bundled task: lr 2e-3 cosine with 20 warmup steps, batch 32, no
     checkpoints or reports, float32 (TRL's `SFTConfig` defaults to bf16, which on the CPU means bf16 autocast at
-    about 5x the step time), on the CPU unless a GPU is present. `fields` override any of these."""
+    about 5x the step time), no activation checkpointing (TRL's default; a tiny model does not need the memory and
+    the recompute costs time), on the CPU unless a GPU is present. `fields` override any of these."""
     from .trainer import VedasSFTConfig
 
     defaults = dict(
         learning_rate=2e-3, per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=20,
-        logging_steps=50, save_strategy="no", report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
+        logging_steps=50, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
     )
     return VedasSFTConfig(output_dir=output_dir, **{**defaults, **fields})
 

@@ -33,8 +33,9 @@ class VedasSFTConfig(SFTConfig):
     [`~trl.SFTConfig`] plus the Vedas curriculum. Paper defaults: 4 epochs per stage, up to 4 latent steps.
 
     Parameters:
-        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
-            Unlike TRL's default, off: the latent passes reuse the KV cache, which checkpointing would replay.
+        gradient_checkpointing (`bool`, *optional*, defaults to `True`):
+            TRL's default. Works with the latent passes (a layer's backward replay reads the shared KV cache as it
+            was and writes nothing); needs non-reentrant checkpointing, the transformers default.
         epochs_per_stage (`int`, *optional*, defaults to `4`):
             Epochs spent at each curriculum stage before one more reasoning step becomes a latent.
         max_latent_stage (`int`, *optional*, defaults to `4`):
@@ -62,10 +63,6 @@ class VedasSFTConfig(SFTConfig):
             checkpoint and stop, so `resume_from_checkpoint=True` continues exactly there.
     """
 
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Not supported by the latent passes (they reuse the KV cache); TRL's default is turned off."},
-    )
     epochs_per_stage: int = field(default=4, metadata={"help": "Epochs per curriculum stage."})
     max_latent_stage: int = field(default=4, metadata={"help": "Last curriculum stage (max latents)."})
     curriculum: bool = field(default=True, metadata={"help": "Advance stages; False trains at the last stage."})

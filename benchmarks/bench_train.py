@@ -13,9 +13,14 @@ rendered at stage T_r by `vedas_hf.data.build_stage_example` and collated by `Ve
   vedas (recon off): the same with lambda = 0 (no crop re-encoding), to show where the time goes.
   vedas (crop N px): with `--recon-crop-size N`, the same with the crops resized to N x N pixels instead of their
            image's size before re-encoding (`recon_crop_size`, a config field; default off).
+  vedas (checkpointing): `vedas` with activation checkpointing on every decoder layer and vision block (what
+           `gradient_checkpointing=True`, TRL's default, does): each layer is re-run in the backward pass.
   naive  : the paper authors' approach (`_common.NaiveReference.train_forward`): every latent pass re-runs the
            whole growing sequence with eager attention and `output_attentions=True`, then a final full pass;
            same routing, replay and reconstruction loss.
+
+Then the peak memory of one training step above what is resident (weights, optimizer state, inputs) for stock and
+vedas, each with and without activation checkpointing (`_common.peak_memory`).
 """
 
 from _common import (
@@ -69,6 +74,8 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="minimum timed rounds; default 5 on cpu, 10 on cuda")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--no-recon-variant", action="store_true", help="skip the lambda = 0 variant")
+    parser.add_argument("--no-checkpointing-variant", action="store_true",
+                        help="skip the activation-checkpointing variant and the memory table")
     parser.add_argument("--recon-crop-size", type=int, default=None,
                         help="add a variant with recon_crop_size=N (crops re-encoded at N x N px), e.g. 64 on "
                              "tiny/small, 224 on 2b")
@@ -125,6 +132,18 @@ def main():
     def naive_loss():
         return naive.train_forward(**batch)
 
+    checkpointed_layers = enable_checkpointing(model)
+
+    def checkpointed(loss_fn):
+        def run():
+            set_checkpointing(checkpointed_layers, True)
+            try:
+                return loss_fn()
+            finally:
+                set_checkpointing(checkpointed_layers, False)
+
+        return run
+
     def step(loss_fn):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
@@ -147,6 +166,8 @@ def main():
         variants["vedas (recon off)"] = lambda: step(vedas_no_recon_loss)
     if args.recon_crop_size is not None:
         variants[crop_name] = lambda: step(vedas_crop_loss)
+    if not args.no_checkpointing_variant:
+        variants["vedas (checkpointing)"] = lambda: step(checkpointed(vedas_loss))
     if naive is not None:
         variants["naive"] = lambda: step(naive_loss)
     times = interleaved(variants, args.reps, args.warmup, args.device, min_time=args.min_time,
@@ -173,14 +194,56 @@ def main():
         add("vedas_no_recon_over_stock", "vedas (recon off)/stock time per step", "vedas (recon off)", "stock")
     if crop_name in med:
         add("vedas_crop_over_stock", f"{crop_name}/stock time per step", crop_name, "stock", 1.8)
+    if "vedas (checkpointing)" in med:
+        add("vedas_checkpointing_over_vedas", "vedas (checkpointing)/vedas time per step", "vedas (checkpointing)",
+            "vedas")
     if naive is not None:
         add("naive_over_vedas", "naive/vedas time per step", "naive", "vedas", 2, True)
+    memory = {}
+    if not args.no_checkpointing_variant:
+        memory = step_memory(args, step, stock_loss, vedas_loss, checkpointed)
+        ratios["vedas_checkpointing_memory_over_vedas"] = memory["vedas (checkpointing)"] / memory["vedas"]
+        ratios["vedas_memory_over_stock"] = memory["vedas"] / memory["stock"]
+        ratios["checkpointed_vedas_memory_over_stock"] = memory["vedas (checkpointing)"] / memory["stock (checkpointing)"]
+        lines.append(f"peak step memory, vedas with/without checkpointing: "
+                     f"{ratios['vedas_checkpointing_memory_over_vedas']:.3f}x; vedas/stock: "
+                     f"{ratios['vedas_memory_over_stock']:.2f}x without checkpointing, "
+                     f"{ratios['checkpointed_vedas_memory_over_stock']:.2f}x with")
     print("\n".join(lines))
     headline = {k: v for k, v in ratios.items() if not k.endswith(("_of_medians", "_of_minima"))}
     print("RATIOS: " + ", ".join(f"{k}={v:.2f}" for k, v in headline.items()))
     write_json(args.json, {"benchmark": "train", "args": vars(args), "model": built.description,
                            "seq_len": batch["input_ids"].shape[1], "checks": checks, "times_s": times,
-                           "median_s": med, "min_s": best, "ratios": ratios})
+                           "median_s": med, "min_s": best, "peak_step_bytes": memory, "ratios": ratios})
+
+
+def enable_checkpointing(model) -> list:
+    """Turn activation checkpointing on once (non-reentrant, the transformers default) to install the checkpoint
+    function, then off again; returns the modules whose `gradient_checkpointing` flag switches it per variant."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    set_checkpointing(layers, False)
+    return layers
+
+
+def set_checkpointing(layers, on: bool):
+    for layer in layers:
+        layer.gradient_checkpointing = on
+
+
+def step_memory(args, step, stock_loss, vedas_loss, checkpointed) -> dict:
+    """Peak bytes of one training step above the resident level, per variant; prints a table."""
+    from _common import peak_memory
+
+    variants = {"stock": stock_loss, "stock (checkpointing)": checkpointed(stock_loss), "vedas": vedas_loss,
+                "vedas (checkpointing)": checkpointed(vedas_loss)}
+    memory = {name: peak_memory(lambda fn=fn: step(fn), args.device)[0] for name, fn in variants.items()}
+    rows = [[name, f"{value / 2**20:.1f}", f"{value / memory['stock']:.2f}"] for name, value in memory.items()]
+    print()
+    print(table(["variant", "peak step MiB", "x stock"], rows))
+    print()
+    return memory
 
 
 if __name__ == "__main__":

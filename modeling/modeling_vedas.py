@@ -256,14 +256,14 @@ class VedasDecoderLayerMixin:
     Without a `vedas_pass` keyword argument it is exactly the stock layer.
     """
 
+    # The cache survives transformers' gradient checkpointing here: a latent pass makes its replays read-only (see
+    # `LatentPass`), and a stock call drops it below, as transformers does for layers that write the cache.
+    _can_checkpoint_with_cache = True
+
     def __init__(self, config, layer_idx: int, router_depth: int | None = None):
         super().__init__(config, layer_idx)
         self.layer_idx = layer_idx
         self.router = VedasRouter(config.hidden_size, router_depth) if router_depth else None
-
-    # The cache survives transformers' gradient checkpointing here: a latent pass makes its replays read-only (see
-    # `LatentPass`), and a stock call drops it below, as transformers does for layers that write the cache.
-    _can_checkpoint_with_cache = True
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         vedas_pass = kwargs.pop("vedas_pass", None)

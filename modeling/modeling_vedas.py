@@ -729,7 +729,8 @@ class VedasForConditionalGenerationMixin:
         The target `u_ref` is the mean-pooled vision-tower encoding of the densest W x W window of the step's
         selected tokens, cropped from `pixel_values` and resized to `recon_crop_size` (default: back to the image's
         size); it is computed without gradient (a self-distillation target). The windows of all steps are searched
-        on the host after one copy of the selections and re-encoded in a single vision-tower call.
+        on the host after one copy of the selections; the crops are re-encoded one step at a time, which keeps the
+        encoding's temporaries (the peak of a checkpointed training step) at one step's crops.
         """
         layout = image_layout(input_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
         selections = torch.stack([torch.stack([step["index"], step["valid"].long()]) for step in trace]).cpu()
@@ -738,12 +739,10 @@ class VedasForConditionalGenerationMixin:
             found = (replay_window(layout, row, index[row], valid[row].bool(), self.config.recon_window)
                      for row in range(index.shape[0]))
             windows.append({row: window for row, window in enumerate(found) if window is not None})
-        flat = [window for step in windows for window in step.values()]
-        if flat:
-            with torch.no_grad():
-                targets = self._encode_crops(flat, pixel_values, image_grid_thw.tolist()).split(
-                    [len(step) for step in windows]
-                )
+        grids = image_grid_thw.tolist()
+        with torch.no_grad():
+            targets = [self._encode_crops(list(step.values()), pixel_values, grids) if step else None
+                       for step in windows]
         losses = []
         for step, step_windows in enumerate(windows):
             pooled = trace[step]["pooled"]

@@ -319,11 +319,15 @@ def loss_and_gradients(model, batch, labels):
     return out.loss.detach(), [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("mechanism", ["transformers", "torch_wrapper"])
-def test_activation_checkpointing_gives_the_same_gradients(vedas_dir, processor, images, monkeypatch, mechanism):
+@pytest.mark.parametrize("mechanism, overrides", [
+    ("transformers", {}), ("torch_wrapper", {}), ("transformers", {"router_positions": "rearrange"}),
+])
+def test_activation_checkpointing_gives_the_same_gradients(vedas_dir, processor, images, monkeypatch, mechanism,
+                                                           overrides):
     """Every layer of every latent pass is replayed in the backward pass against a cache that by then holds later
-    passes; loss and every gradient (routers, TokenSR, LLM, vision) must equal plain training."""
-    model = load(vedas_dir).train()
+    passes; loss and every gradient (routers, TokenSR, LLM, vision) must equal plain training. (`rearrange` reads
+    the router cache to number the selected tokens.)"""
+    model = load(vedas_dir, **overrides).train()
     seq, labels = training_batch(processor, model, images)
     reference_loss, reference = loss_and_gradients(model, seq, labels)
     replays = []

@@ -159,6 +159,30 @@ def test_activation_checkpointing_trains_exactly_like_plain_training(tiny_dir, r
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_evaluate_reports_the_final_stage_loss(tiny_dir, tmp_path):
+    """`eval_dataset` is rendered at the last curriculum stage: `evaluate()` gives the model's own loss on that batch
+    (eval mode, so CE only), whatever stage training is at."""
+    from vedas_hf.data import VedasDataCollator
+    from vedas_hf.trainer import StageRenderer
+
+    train, test = make_digit_arithmetic(8, 5, seed=3, digit_size=24, rows=1)
+    model, processor = load(tiny_dir)
+    args = make_args(tmp_path, per_device_eval_batch_size=len(test))
+    trainer = VedasSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                              processing_class=processor)
+    metrics = trainer.evaluate()
+    renderer = StageRenderer(test, processor, args, stage=args.max_latent_stage)
+    batch = VedasDataCollator(processor)([renderer.example(i) for i in range(len(test))])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    assert (batch["input_ids"] == model.config.latent_token_id).sum(1).tolist() == [args.max_latent_stage] * len(test)
+    assert expected.recon_loss is None
+    assert metrics["eval_stage"] == args.max_latent_stage and trainer.curriculum_callback.stage in (None, 0)
+    assert metrics["eval_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert metrics["eval_ce_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+
+
 def check_fresh_process_generate(path, tmp_path):
     script = textwrap.dedent(
         f"""

@@ -29,6 +29,7 @@ from torch import nn
 
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerationConfig
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -918,6 +919,8 @@ class VedasForConditionalGenerationMixin:
         expand = self._generation_expand_size(generation_config, kwargs)
         if expand > 1:
             phase.cache.batch_repeat_interleave(expand)
+        hidden_columns = extended_ids.shape[1] - input_ids.shape[1]
+        kwargs.update(self._shifted_length_limits(generation_config, kwargs, hidden_columns))
         out = super().generate(
             input_ids=extended_ids, attention_mask=extended_mask, generation_config=generation_config,
             **{CACHE_KWARG: phase.cache}, **kwargs,
@@ -965,6 +968,26 @@ class VedasForConditionalGenerationMixin:
         if mm_token_type_ids is not None:
             types = torch.cat([mm_token_type_ids, torch.zeros_like(column, dtype=mm_token_type_ids.dtype)], dim=1)
         return torch.cat([input_ids, column], dim=1), torch.cat([attention_mask, torch.ones_like(column)], dim=1), types
+
+    def _shifted_length_limits(self, generation_config, kwargs, hidden_columns: int) -> dict:
+        """`max_length` / `min_length` set by the caller or the generation config count prompt + answer (the stock
+        layout `generate` returns); the decoding loop also sees the `hidden_columns` inserted after the prompt
+        (start marker, replayed tokens, latents, end marker), so those limits are shifted by them. Relative limits
+        (`max_new_tokens`, `min_new_tokens`) take precedence in transformers and need no shift; transformers'
+        defaults are left to it."""
+        configs = [c for c in (generation_config, self.generation_config) if c is not None]
+        defaults = GenerationConfig()
+        limits = {}
+        for name, relative in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if kwargs.get(relative) is not None or any(getattr(c, relative, None) is not None for c in configs):
+                continue
+            value = kwargs.get(name)
+            if value is None:
+                value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+                if value is None or value == getattr(defaults, name, None):
+                    continue
+            limits[name] = value + hidden_columns
+        return limits
 
     def _generation_expand_size(self, generation_config, kwargs) -> int:
         """How many rows `generate` makes of each prompt (beams or returned sequences); the cache must match."""

@@ -5,7 +5,8 @@ import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 from transformers.cache_utils import DynamicCache
 
 from conftest import make_batch, split_batch
@@ -138,6 +139,64 @@ def test_beam_search_and_sampling_run_after_latents(vedas_dir, processor, images
     torch.manual_seed(0)
     sampled_b = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=True, top_k=5)
     assert torch.equal(sampled_a, sampled_b)
+
+
+def test_length_limits_count_prompt_and_answer_as_in_stock_generate(vedas_dir, processor, images):
+    """`max_length` / `min_length` (arguments, a passed or the model's generation config) mean prompt + answer, as
+    in stock `generate`, although the decoding loop also sees the inserted replay/latent columns."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour of the big one?"], [[images[0]], [images[1]]])
+    length = batch["input_ids"].shape[1]
+    reference = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert reference.shape[1] == length + 5
+    limits = dict(max_length=length + 5, min_length=length + 5)
+    assert torch.equal(model.generate(**batch, num_latent_steps=2, do_sample=False, **limits), reference)
+    config = GenerationConfig(do_sample=False, **limits)
+    assert torch.equal(model.generate(**batch, num_latent_steps=2, generation_config=config), reference)
+    # min_length holds end-of-sequence back exactly like min_new_tokens
+    eos = int(reference[0, length])  # row 0's first answer token
+    held = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_length=length + 3, eos_token_id=eos,
+                          pad_token_id=0, do_sample=False)
+    expected = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_new_tokens=3, eos_token_id=eos,
+                              pad_token_id=0, do_sample=False)
+    assert torch.equal(held, expected) and held.shape[1] >= length + 3
+    model.generation_config.max_length = length + 5
+    assert model.generate(**batch, num_latent_steps=2, do_sample=False).shape[1] == length + 5
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().clone())
+
+    def end(self):
+        self.ended = True
+
+
+class StopOnToken(StoppingCriteria):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_streamer_and_stopping_criteria_follow_the_answer(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    length = batch["input_ids"].shape[1]
+    streamer = RecordingStreamer()
+    out = model.generate(**batch, num_latent_steps=2, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         streamer=streamer)
+    answer = out[0, length:]
+    assert streamer.ended and torch.equal(torch.cat(streamer.chunks[1:]), answer)  # first put: the loop's input
+    stop = int(answer[2])
+    first = int((answer == stop).nonzero()[0])
+    stopped = model.generate(**batch, num_latent_steps=2, max_new_tokens=6, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([StopOnToken(stop)]))
+    assert torch.equal(stopped, out[:, : length + first + 1])
 
 
 @pytest.mark.parametrize("mode, inserted_per_step", [("patches", 3 + 1), ("soft_mix", 1 + 1), ("none", 1)])

@@ -900,7 +900,7 @@ class VedasForConditionalGenerationMixin:
         )
         if steps == 0:
             return super().generate(generation_config=generation_config, **stock_inputs, **kwargs)
-        self._check_generate_inputs(input_ids, attention_mask, kwargs)
+        self._check_generate_inputs(input_ids, attention_mask, generation_config, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt_ids, prompt_mask, prompt_types = self._with_start_marker(input_ids, attention_mask, mm_token_type_ids)
@@ -936,7 +936,7 @@ class VedasForConditionalGenerationMixin:
         out["latent_trace"] = self._public_trace(phase.trace, steps, prompt_ids, image_grid_thw)
         return out
 
-    def _check_generate_inputs(self, input_ids, attention_mask, kwargs):
+    def _check_generate_inputs(self, input_ids, attention_mask, generation_config, kwargs):
         if input_ids is None:
             raise ValueError("Latent generation needs `input_ids` (processor output); got None.")
         if self.config.latent_token_id is not None and bool((input_ids == self.config.latent_token_id).any()):
@@ -952,6 +952,17 @@ class VedasForConditionalGenerationMixin:
         for name in ("pixel_values_videos", "inputs_embeds"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"Latent generation does not support `{name}`; pass num_latent_steps=0.")
+        # the latent steps live in the KV cache that decoding continues from (a DynamicCache built by the latent loop)
+        configs = [kwargs] + [vars(c) for c in (generation_config, self.generation_config) if c is not None]
+        use_cache = next((c["use_cache"] for c in configs if c.get("use_cache") is not None), True)
+        implementation = next((c["cache_implementation"] for c in configs if c.get("cache_implementation")), None)
+        if not use_cache or implementation is not None:
+            setting = "use_cache=False" if not use_cache else f"cache_implementation={implementation!r}"
+            raise ValueError(
+                f"Latent generation got {setting}: the latent steps live in the KV cache the answer is decoded from, "
+                "which generate builds itself (a DynamicCache); drop that setting (also from the generation "
+                "config), or pass num_latent_steps=0."
+            )
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "The prompt batch is right-padded; latent generation needs left padding "

@@ -140,6 +140,9 @@ MALFORMED = [
     ("right-padded prompt batch",
      lambda t, p: generate(t, {"input_ids": torch.tensor([[5, 6, 7], [5, 6, 0]]),
                                "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}), "left padding"),
+    ("use_cache=False with latent steps", lambda t, p: generate(t, prompt_batch(t), use_cache=False), "use_cache=False"),
+    ("static cache with latent steps", lambda t, p: generate(t, prompt_batch(t), cache_implementation="static"),
+     "cache_implementation='static'"),
     ("video input with latent steps",
      lambda t, p: generate(t, prompt_batch(t), pixel_values_videos=torch.zeros(4, 96)), "pixel_values_videos"),
     # dataset records and files

@@ -816,11 +816,15 @@ class VedasForConditionalGenerationMixin:
             [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
         """
         latent_id = self.config.latent_token_id
-        # decoding steps (one new token, no images) are stock: skip the device sync of the latent search
-        decoding = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
+        # A call that continues a filled cache (a decoding or assisted-verification step of `generate`) is stock and
+        # skips the checks (its inputs were checked at the prefill); so does a one-token step without images,
+        # without the device sync of the latent search.
+        cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        continuing = cache is not None and cache.get_seq_length() > 0
+        decoding = continuing or (input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None)
         has_latents = (not decoding and input_ids is not None and latent_id is not None
                        and bool((input_ids == latent_id).any()))
-        if has_latents or pixel_values is not None:  # a prefill or a latent sequence; decoding steps skip the checks
+        if not continuing and (has_latents or pixel_values is not None):  # a prefill or a latent sequence
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
         if not has_latents:
@@ -954,6 +958,12 @@ class VedasForConditionalGenerationMixin:
                 raise ValueError(f"Latent generation does not support `{name}`; pass num_latent_steps=0.")
         # the latent steps live in the KV cache that decoding continues from (a DynamicCache built by the latent loop)
         configs = [kwargs] + [vars(c) for c in (generation_config, self.generation_config) if c is not None]
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if any(c.get(name) is not None for c in configs):
+                raise ValueError(
+                    f"Latent generation does not support assisted decoding (`{name}`); pass num_latent_steps=0 to "
+                    "use it."
+                )
         use_cache = next((c["use_cache"] for c in configs if c.get("use_cache") is not None), True)
         implementation = next((c["cache_implementation"] for c in configs if c.get("cache_implementation")), None)
         if not use_cache or implementation is not None:

@@ -143,6 +143,8 @@ MALFORMED = [
     ("use_cache=False with latent steps", lambda t, p: generate(t, prompt_batch(t), use_cache=False), "use_cache=False"),
     ("static cache with latent steps", lambda t, p: generate(t, prompt_batch(t), cache_implementation="static"),
      "cache_implementation='static'"),
+    ("assisted decoding with latent steps", lambda t, p: generate(t, prompt_batch(t), prompt_lookup_num_tokens=3),
+     "prompt_lookup_num_tokens"),
     ("video input with latent steps",
      lambda t, p: generate(t, prompt_batch(t), pixel_values_videos=torch.zeros(4, 96)), "pixel_values_videos"),
     # dataset records and files

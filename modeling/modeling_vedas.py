@@ -20,8 +20,9 @@ checkpointing the backward replay of a layer reads the cache as it was and write
 This file is uploaded to the Hub; it imports only torch, transformers and `configuration_vedas`.
 """
 
+import copy
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,6 @@ from torch import nn
 
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.generation import GenerationConfig
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -120,7 +120,6 @@ class _ReplayLayerCache:
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-@dataclass(kw_only=True)
 class LatentPass:
     """One call of the language model inside the latent forward, against the KV cache shared by all passes.
 
@@ -130,13 +129,17 @@ class LatentPass:
     that prefix of the cache and writes nothing (neither KV cache nor router cache), which keeps gradients through
     the cache exact.
 
+    A plain class on purpose: FSDP2 rebuilds the dataclasses, dicts and lists it finds in a layer's arguments when
+    it casts them to the compute dtype, and a copy would lose what the layers record here.
+
     Attributes:
         grad_enabled: whether gradients were on when the pass started.
         past_lengths: layer index -> cache length before that layer's first run in this pass.
     """
 
-    grad_enabled: bool = field(default_factory=torch.is_grad_enabled)
-    past_lengths: dict = field(default_factory=dict)
+    def __init__(self):
+        self.grad_enabled = torch.is_grad_enabled()
+        self.past_lengths = {}
 
     def layer_cache(self, cache, layer_idx: int):
         """The cache to hand to layer `layer_idx`'s attention and whether this run is a checkpoint replay."""
@@ -146,14 +149,13 @@ class LatentPass:
             raise ValueError(
                 "Reentrant activation checkpointing (use_reentrant=True) runs the layers without gradients, which "
                 "cuts the gradient that flows between latent passes through the KV cache. Use "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default; TRL forces True "
-                "only for PEFT with DeepSpeed ZeRO-3), or turn gradient checkpointing off."
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default; TRL switches to "
+                "True for PEFT with DeepSpeed ZeRO-3), or turn gradient checkpointing off."
             )
         self.past_lengths[layer_idx] = cache.get_seq_length(layer_idx)
         return cache, False
 
 
-@dataclass(kw_only=True)
 class VedasPass(LatentPass):
     """What the decoder layers need for one routed forward call (one or several implicit-phase chunks).
 
@@ -168,16 +170,15 @@ class VedasPass(LatentPass):
         saliency: filled by the layers: layer index -> `(batch, past + seq)` head-averaged attention row.
     """
 
-    key_mask: torch.Tensor
-    eligible: torch.Tensor
-    chunks: list
-    chunk_index: int
-    router_cache: VedasRouterCache
-    config: VedasQwen2VLConfig
-    rotary_emb: nn.Module
-    capture_saliency: bool = True
-    saliency: dict = field(default_factory=dict)
-    _memo: dict = field(default_factory=dict, repr=False)
+    def __init__(self, *, key_mask: torch.Tensor, eligible: torch.Tensor, chunks: list, chunk_index: int,
+                 router_cache: VedasRouterCache, config: VedasQwen2VLConfig, rotary_emb: nn.Module,
+                 capture_saliency: bool = True):
+        super().__init__()
+        self.key_mask, self.eligible, self.chunks, self.chunk_index = key_mask, eligible, chunks, chunk_index
+        self.router_cache, self.config, self.rotary_emb = router_cache, config, rotary_emb
+        self.capture_saliency = capture_saliency
+        self.saliency = {}
+        self._memo = {}
 
     def mean_saliency(self) -> torch.Tensor:
         """Eq. 4 restricted to the last token: mean over layers and heads, `(batch, past + seq)` (0 for a row
@@ -816,14 +817,20 @@ class VedasForConditionalGenerationMixin:
             [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
         """
         latent_id = self.config.latent_token_id
-        # A call that continues a filled cache (a decoding or assisted-verification step of `generate`) is stock and
-        # skips the checks (its inputs were checked at the prefill); so does a one-token step without images,
-        # without the device sync of the latent search.
+        # A decoding step (one new token, no images) is stock: no checks, no device sync, nothing that breaks a
+        # compiled graph. So is any other call that continues a filled cache (e.g. assisted decoding); its inputs
+        # were checked at the prefill, but latent tokens cannot continue a cache.
         cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
-        continuing = cache is not None and cache.get_seq_length() > 0
-        decoding = continuing or (input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None)
+        decoding = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
+        continuing = not decoding and cache is not None and bool(cache.get_seq_length() > 0)
         has_latents = (not decoding and input_ids is not None and latent_id is not None
                        and bool((input_ids == latent_id).any()))
+        if continuing and has_latents:
+            raise ValueError(
+                f"input_ids hold <|latent|> tokens (id {latent_id}) but the call continues a filled cache: the latent "
+                "forward builds its own cache from the prompt. Pass the whole sequence without a cache (training), "
+                "or use generate(num_latent_steps=...)."
+            )
         if not continuing and (has_latents or pixel_values is not None):  # a prefill or a latent sequence
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
@@ -923,8 +930,9 @@ class VedasForConditionalGenerationMixin:
         expand = self._generation_expand_size(generation_config, kwargs)
         if expand > 1:
             phase.cache.batch_repeat_interleave(expand)
-        hidden_columns = extended_ids.shape[1] - input_ids.shape[1]
-        kwargs.update(self._shifted_length_limits(generation_config, kwargs, hidden_columns))
+        generation_config, kwargs = self._decoding_config(
+            generation_config, kwargs, hidden_columns=extended_ids.shape[1] - input_ids.shape[1]
+        )
         out = super().generate(
             input_ids=extended_ids, attention_mask=extended_mask, generation_config=generation_config,
             **{CACHE_KWARG: phase.cache}, **kwargs,
@@ -964,8 +972,16 @@ class VedasForConditionalGenerationMixin:
                     f"Latent generation does not support assisted decoding (`{name}`); pass num_latent_steps=0 to "
                     "use it."
                 )
+        for name in {CACHE_KWARG, "past_key_values"}:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"Latent generation builds its own cache (prompt and latent steps); do not pass `{name}`, or "
+                    "pass num_latent_steps=0."
+                )
         use_cache = next((c["use_cache"] for c in configs if c.get("use_cache") is not None), True)
-        implementation = next((c["cache_implementation"] for c in configs if c.get("cache_implementation")), None)
+        # a cache_implementation set by the caller is an error; the model's own is dropped (`_decoding_config`)
+        callers = configs[:-1] if self.generation_config is not None else configs
+        implementation = next((c["cache_implementation"] for c in callers if c.get("cache_implementation")), None)
         if not use_cache or implementation is not None:
             setting = "use_cache=False" if not use_cache else f"cache_implementation={implementation!r}"
             raise ValueError(
@@ -990,25 +1006,35 @@ class VedasForConditionalGenerationMixin:
             types = torch.cat([mm_token_type_ids, torch.zeros_like(column, dtype=mm_token_type_ids.dtype)], dim=1)
         return torch.cat([input_ids, column], dim=1), torch.cat([attention_mask, torch.ones_like(column)], dim=1), types
 
-    def _shifted_length_limits(self, generation_config, kwargs, hidden_columns: int) -> dict:
-        """`max_length` / `min_length` set by the caller or the generation config count prompt + answer (the stock
-        layout `generate` returns); the decoding loop also sees the `hidden_columns` inserted after the prompt
-        (start marker, replayed tokens, latents, end marker), so those limits are shifted by them. Relative limits
-        (`max_new_tokens`, `min_new_tokens`) take precedence in transformers and need no shift; transformers'
-        defaults are left to it."""
+    def _decoding_config(self, generation_config, kwargs, hidden_columns: int):
+        """The generation config and arguments of the stock loop that decodes after the latent steps.
+
+        `max_length` / `min_length` (from the arguments, a passed or the model's generation config) count prompt +
+        answer, the stock layout `generate` returns; the loop also sees the `hidden_columns` inserted after the
+        prompt (start marker, replayed tokens, latents, end marker), so they are shifted by those. Relative limits
+        (`max_new_tokens`, `min_new_tokens`) take precedence in transformers and need no shift. A
+        `cache_implementation` in the model's generation config is dropped: decoding continues from the
+        DynamicCache of the latent steps. A passed config is copied, never changed."""
         configs = [c for c in (generation_config, self.generation_config) if c is not None]
-        defaults = GenerationConfig()
-        limits = {}
+        kwargs, updates = dict(kwargs), {}
         for name, relative in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
             if kwargs.get(relative) is not None or any(getattr(c, relative, None) is not None for c in configs):
                 continue
-            value = kwargs.get(name)
-            if value is None:
-                value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
-                if value is None or value == getattr(defaults, name, None):
-                    continue
-            limits[name] = value + hidden_columns
-        return limits
+            if kwargs.get(name) is not None:
+                kwargs[name] += hidden_columns
+                continue
+            value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+            if value is not None:
+                updates[name] = value + hidden_columns
+        if generation_config is None and getattr(self.generation_config, "cache_implementation", None) is not None:
+            updates["cache_implementation"] = None
+        if updates and generation_config is None:
+            kwargs.update(updates)  # no config was passed: arguments are the usual way to override it
+        elif updates:
+            generation_config = copy.deepcopy(generation_config)
+            for name, value in updates.items():
+                setattr(generation_config, name, value)
+        return generation_config, kwargs
 
     def _generation_expand_size(self, generation_config, kwargs) -> int:
         """How many rows `generate` makes of each prompt (beams or returned sequences); the cache must match."""

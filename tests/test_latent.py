@@ -2,6 +2,9 @@
 crop round trip, gradients (with and without activation checkpointing) and the reconstruction loss."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +156,7 @@ def test_length_limits_count_prompt_and_answer_as_in_stock_generate(vedas_dir, p
     assert torch.equal(model.generate(**batch, num_latent_steps=2, do_sample=False, **limits), reference)
     config = GenerationConfig(do_sample=False, **limits)
     assert torch.equal(model.generate(**batch, num_latent_steps=2, generation_config=config), reference)
+    assert config.max_length == config.min_length == length + 5  # shifted on a copy
     # min_length holds end-of-sequence back exactly like min_new_tokens
     eos = int(reference[0, length])  # row 0's first answer token
     held = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_length=length + 3, eos_token_id=eos,
@@ -162,6 +166,19 @@ def test_length_limits_count_prompt_and_answer_as_in_stock_generate(vedas_dir, p
     assert torch.equal(held, expected) and held.shape[1] >= length + 3
     model.generation_config.max_length = length + 5
     assert model.generate(**batch, num_latent_steps=2, do_sample=False).shape[1] == length + 5
+
+
+@pytest.mark.parametrize("implementation", ["static", "hybrid"])
+def test_cache_implementation_of_the_model_config_is_left_to_plain_decoding(vedas_dir, processor, images,
+                                                                           implementation):
+    """A checkpoint whose generation config asks for another cache still generates with latents (decoding continues
+    from the latent steps' DynamicCache); the config itself is not changed."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    reference = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False)
+    model.generation_config.cache_implementation = implementation
+    assert torch.equal(model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False), reference)
+    assert model.generation_config.cache_implementation == implementation
 
 
 class RecordingStreamer(BaseStreamer):
@@ -406,6 +423,58 @@ def test_activation_checkpointing_gives_the_same_gradients(vedas_dir, processor,
     assert all(g is not None for g in reference) and model.token_sr.net.weight.grad.abs().sum() > 0
     for gradient, expected in zip(gradients, reference):
         torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
+
+
+FSDP2_CHECKPOINTING = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+sys.path.insert(0, {tests!r})
+from test_latent import load, training_batch
+from vedas_hf.modeling import modeling_vedas
+from vedas_hf.testing import build_tiny_processor, make_tiny_images
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+processor = build_tiny_processor(backbone={backbone!r})
+images = make_tiny_images(4, sizes=((32, 32), (48, 32), (32, 64), (40, 40)), seed=0)
+replays = []
+replay_cache = modeling_vedas._ReplayLayerCache
+modeling_vedas._ReplayLayerCache = lambda *a: replays.append(a) or replay_cache(*a)
+gradients = {{}}
+for checkpointing in (False, True):
+    model = load({path!r}).train().double()  # float64 end to end, so the casting hook changes no value
+    policy = MixedPrecisionPolicy(param_dtype=torch.float64)  # casts (and so copies) every layer's arguments
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        if checkpointing:  # the order of accelerate's FSDP2 activation checkpointing: wrap, then shard
+            layers[i] = layer = checkpoint_wrapper(layer)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    seq, labels = training_batch(processor, model, images)
+    seq["pixel_values"] = seq["pixel_values"].double()
+    model(**seq, labels=labels).loss.backward()
+    gradients[checkpointing] = [p.grad.full_tensor() for p in model.parameters()]
+print("REPLAYS", len(replays))
+print("MAXDIFF", max((a - b).abs().max().item() for a, b in zip(*gradients.values())))
+dist.destroy_process_group()
+"""
+
+
+def test_activation_checkpointing_under_fsdp2_mixed_precision(vedas_dir, backbone, tmp_path):
+    """FSDP2 rebuilds the dataclasses and dicts in a layer's arguments when it casts them: the per-pass state must
+    survive that (saliency rows, replay bookkeeping), with and without checkpointing, and the gradients match."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = FSDP2_CHECKPOINTING.format(tests=tests, backbone=backbone, path=str(vedas_dir))
+    port = str(29500 + os.getpid() % 1000)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tests)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("REPLAYS", "MAXDIFF")))
+    assert int(values["REPLAYS"]) == 4 * 4  # 4 passes (prompt, 2 latents, the rest) x 4 layers
+    assert float(values["MAXDIFF"]) < 1e-12
 
 
 def test_reentrant_checkpointing_is_a_clear_error(vedas_dir, processor, images):

@@ -13,12 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from transformers.cache_utils import DynamicCache
 
 from conftest import make_batch
 from vedas_hf.convert import convert_checkpoint
 from vedas_hf.data import build_stage_example, load_records, normalize_record
 from vedas_hf.modeling.configuration_vedas import VedasQwen2VLConfig
-from vedas_hf.modeling.modeling_vedas import densest_window, patchify, unpatchify
+from vedas_hf.modeling.modeling_vedas import CACHE_KWARG, densest_window, patchify, unpatchify
 from vedas_hf.testing import make_tiny_checkpoint, make_tiny_images
 from vedas_hf.toy import make_digit_arithmetic
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer
@@ -66,6 +67,13 @@ def _latent_inside_prompt(tiny):
     ids = batch["input_ids"].clone()
     ids[0, 1] = tiny.model.config.latent_token_id
     return tiny.model(**{**batch, "input_ids": ids})
+
+
+def _latents_after_a_filled_cache(tiny):
+    prefill = tiny.model(**prompt_batch(tiny), use_cache=True)
+    config = tiny.model.config
+    ids = torch.tensor([[config.start_latent_token_id, config.latent_token_id]])
+    return tiny.model(input_ids=ids, **{CACHE_KWARG: prefill.past_key_values})
 
 
 def _corrupt_image(tmp_path):
@@ -143,6 +151,10 @@ MALFORMED = [
     ("use_cache=False with latent steps", lambda t, p: generate(t, prompt_batch(t), use_cache=False), "use_cache=False"),
     ("static cache with latent steps", lambda t, p: generate(t, prompt_batch(t), cache_implementation="static"),
      "cache_implementation='static'"),
+    ("a cache passed to latent generate",
+     lambda t, p: generate(t, prompt_batch(t), **{CACHE_KWARG: DynamicCache(config=t.model.config.text_config)}),
+     "builds its own cache"),
+    ("latent tokens continuing a filled cache", lambda t, p: _latents_after_a_filled_cache(t), "continues a filled cache"),
     ("assisted decoding with latent steps", lambda t, p: generate(t, prompt_batch(t), prompt_lookup_num_tokens=3),
      "prompt_lookup_num_tokens"),
     ("video input with latent steps",
@@ -379,7 +391,7 @@ def test_remote_code_imports_only_torch_and_transformers_and_does_no_io(name):
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"torch", "transformers", "math", "inspect", "dataclasses", "typing"}, roots
+    assert roots <= {"torch", "transformers", "copy", "math", "inspect", "dataclasses", "typing"}, roots
     calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert not calls & {"open", "exec", "eval", "print", "__import__"}, calls & {"open", "exec", "eval", "print"}
 

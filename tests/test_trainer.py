@@ -159,6 +159,28 @@ def test_activation_checkpointing_trains_exactly_like_plain_training(tiny_dir, r
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_checkpoint_wrapped_layers_train_latent_free_batches(tiny_dir, records, tmp_path):
+    """FSDP-style checkpoint wrappers leave the layers' `gradient_checkpointing` flag off, so nothing in the model
+    knows a stock (stage 0, latent-free) batch is replayed; `compute_loss` passes `use_cache=False` as TRL does, so
+    no cache is written twice and the losses equal unwrapped training."""
+    from test_latent import CheckpointWrapper
+
+    def run(wrapped):
+        model, processor = load(tiny_dir)
+        layers = model.model.language_model.layers
+        for i in range(len(layers) if wrapped else 0):
+            layers[i] = CheckpointWrapper(layers[i])
+        args = make_args(tmp_path / str(wrapped), max_steps=2, epochs_per_stage=100)  # stage 0 throughout
+        trainer = VedasSFTTrainer(model=model, args=args, train_dataset=records, processing_class=processor)
+        trainer.train()
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        return [log["stage"] for log in logs], [log["loss"] for log in logs]
+
+    stages, losses = run(True)
+    assert stages == [0, 0]
+    assert losses == pytest.approx(run(False)[1], rel=1e-6)
+
+
 def test_evaluate_reports_the_final_stage_loss(tiny_dir, tmp_path):
     """`eval_dataset` is rendered at the last curriculum stage: `evaluate()` gives the model's own loss on that batch
     (eval mode, so CE only), whatever stage training is at."""

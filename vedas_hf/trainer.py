@@ -241,7 +241,7 @@ class VedasSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Latent multi-pass forward; logs `ce_loss`, `recon_loss` and `stage`."""
         mode = "train" if model.training else "eval"
-        outputs = model(**inputs)
+        outputs = model(**inputs, use_cache=False)  # as TRL: a cache would be written twice by checkpoint replays
         metrics = self._metrics[mode]
         metrics["ce_loss"].append(self._gathered_mean(outputs.get("ce_loss", outputs.loss)))
         recon = outputs.get("recon_loss")

@@ -964,7 +964,16 @@ class VedasForConditionalGenerationMixin:
         for name in ("pixel_values_videos", "inputs_embeds"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"Latent generation does not support `{name}`; pass num_latent_steps=0.")
-        # the latent steps live in the KV cache that decoding continues from (a DynamicCache built by the latent loop)
+        self._check_decoding_settings(generation_config, kwargs)
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "The prompt batch is right-padded; latent generation needs left padding "
+                "(processor.tokenizer.padding_side = 'left')."
+            )
+
+    def _check_decoding_settings(self, generation_config, kwargs):
+        """The latent steps live in the KV cache that decoding continues from (a DynamicCache built by the latent
+        loop): settings that would replace or bypass it are errors."""
         configs = [kwargs] + [vars(c) for c in (generation_config, self.generation_config) if c is not None]
         for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
             if any(c.get(name) is not None for c in configs):
@@ -988,11 +997,6 @@ class VedasForConditionalGenerationMixin:
                 f"Latent generation got {setting}: the latent steps live in the KV cache the answer is decoded from, "
                 "which generate builds itself (a DynamicCache); drop that setting (also from the generation "
                 "config), or pass num_latent_steps=0."
-            )
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "The prompt batch is right-padded; latent generation needs left padding "
-                "(processor.tokenizer.padding_side = 'left')."
             )
 
     def _with_start_marker(self, input_ids, attention_mask, mm_token_type_ids):
@@ -1026,8 +1030,9 @@ class VedasForConditionalGenerationMixin:
             value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
             if value is not None:
                 updates[name] = value + hidden_columns
-        if generation_config is None and getattr(self.generation_config, "cache_implementation", None) is not None:
-            updates["cache_implementation"] = None
+        if getattr(self.generation_config, "cache_implementation", None) is not None:
+            # as an argument: transformers fills a passed config's unset fields from the model's config first
+            kwargs["cache_implementation"] = None
         if updates and generation_config is None:
             kwargs.update(updates)  # no config was passed: arguments are the usual way to override it
         elif updates:

@@ -178,7 +178,9 @@ def test_cache_implementation_of_the_model_config_is_left_to_plain_decoding(veda
     reference = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False)
     model.generation_config.cache_implementation = implementation
     assert torch.equal(model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False), reference)
-    assert model.generation_config.cache_implementation == implementation
+    passed = GenerationConfig(max_new_tokens=4, do_sample=False)  # transformers fills it from the model's config
+    assert torch.equal(model.generate(**batch, num_latent_steps=2, generation_config=passed), reference)
+    assert model.generation_config.cache_implementation == implementation and passed.cache_implementation is None
 
 
 class RecordingStreamer(BaseStreamer):

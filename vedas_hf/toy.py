@@ -246,8 +246,8 @@ def reading_records(records: list[dict]) -> list[dict]:
 def toy_sft_config(output_dir: str, **fields):
     """`VedasSFTConfig` for training on a bundled task: lr 2e-3 cosine with 20 warmup steps, batch 32, no
     checkpoints or reports, float32 (TRL's `SFTConfig` defaults to bf16, which on the CPU means bf16 autocast at
-    about 5x the step time), no activation checkpointing (TRL's default; a tiny model does not need the memory and
-    the recompute costs time), on the CPU unless a GPU is present. `fields` override any of these."""
+    about 5x the step time), activation checkpointing off (TRL's default is on; a tiny model does not need the
+    memory and the recompute costs time), on the CPU unless a GPU is present. `fields` override any of these."""
     from .trainer import VedasSFTConfig
 
     defaults = dict(

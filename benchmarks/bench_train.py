@@ -31,6 +31,7 @@ from _common import (
     interleaved,
     median,
     paired_ratio,
+    peak_memory,
     print_header,
     spread,
     table,
@@ -237,8 +238,6 @@ def step_memory(args, model, stock_loss, vedas_loss, checkpointed) -> dict:
 
     The gradients stay allocated (zeroed in place) and the optimizer step is left out, so the peak is what the
     variants differ in: activations kept for the backward pass, the KV cache, temporaries."""
-    from _common import peak_memory
-
     variants = {"stock": stock_loss, "stock (checkpointing)": checkpointed(stock_loss), "vedas": vedas_loss,
                 "vedas (checkpointing)": checkpointed(vedas_loss)}
 

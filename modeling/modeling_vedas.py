@@ -62,6 +62,15 @@ from .configuration_vedas import VedasQwen2_5_VLConfig, VedasQwen2VLConfig
 CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2VLTextModel.forward).parameters else "past_key_values"
 
 
+def _cache_argument(kwargs: dict):
+    """`(name, cache)` of the cache among keyword arguments (`cache` or its older name `past_key_values`, which
+    newer transformers still accept); `(CACHE_KWARG, None)` when there is none."""
+    for name in (CACHE_KWARG, "past_key_values"):
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return CACHE_KWARG, None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Per-pass state shared with the decoder layers
 # --------------------------------------------------------------------------------------------------------------
@@ -269,8 +278,7 @@ class VedasDecoderLayerMixin:
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         vedas_pass = kwargs.pop("vedas_pass", None)
-        cache_name = CACHE_KWARG if CACHE_KWARG in kwargs else "past_key_values"
-        cache = kwargs.get(cache_name)
+        cache_name, cache = _cache_argument(kwargs)
         replay = False
         if cache is not None and vedas_pass is not None and (torch.is_grad_enabled() or vedas_pass.grad_enabled):
             kwargs[cache_name], replay = vedas_pass.layer_cache(cache, self.layer_idx)
@@ -741,9 +749,9 @@ class VedasForConditionalGenerationMixin:
             found = (replay_window(layout, row, index[row], valid[row].bool(), self.config.recon_window)
                      for row in range(index.shape[0]))
             windows.append({row: window for row, window in enumerate(found) if window is not None})
-        grids = image_grid_thw.tolist()
+        grids, frames = image_grid_thw.tolist(), {}  # frames: shared by the steps, each image un-patchified once
         with torch.no_grad():
-            targets = [self._encode_crops(list(step.values()), pixel_values, grids) if step else None
+            targets = [self._encode_crops(list(step.values()), pixel_values, grids, frames) if step else None
                        for step in windows]
         losses = []
         for step, step_windows in enumerate(windows):
@@ -755,11 +763,12 @@ class VedasForConditionalGenerationMixin:
             losses.append(F.mse_loss(prediction.float(), targets[step].float()))
         return losses
 
-    def _encode_crops(self, windows, pixel_values, grids: list):
+    def _encode_crops(self, windows, pixel_values, grids: list, frames: dict | None = None):
         """Re-encode each window crop and mean-pool: `(n_windows, hidden)`.
 
         A crop is resized (bilinear) to `recon_crop_size x recon_crop_size` pixels, or to its image's size when that
-        is `None`. `grids` is `image_grid_thw` as a list of `[t, h, w]`."""
+        is `None`. `grids` is `image_grid_thw` as a list of `[t, h, w]`; `frames` (image -> `(t*Tp, C, H, W)`) keeps
+        the un-patchified images across calls."""
         vision = self.config.vision_config
         offsets = [0]
         for t, h, w in grids:
@@ -767,7 +776,7 @@ class VedasForConditionalGenerationMixin:
         cell = vision.spatial_merge_size * vision.patch_size
         crop_side = self.config.recon_crop_size
         side = None if crop_side is None else crop_side // vision.patch_size  # patches per side of a fixed-size crop
-        frames = {}  # image -> (t*Tp, C, H, W), un-patchified once per image
+        frames = {} if frames is None else frames
         crops, crop_grids = [], []
         for window in windows:
             image, top, left, size = window["image"], window["row"], window["col"], window["size"]
@@ -820,7 +829,7 @@ class VedasForConditionalGenerationMixin:
         # A decoding step (one new token, no images) is stock: no checks, no device sync, nothing that breaks a
         # compiled graph. So is any other call that continues a filled cache (e.g. assisted decoding); its inputs
         # were checked at the prefill, but latent tokens cannot continue a cache.
-        cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        _, cache = _cache_argument(kwargs)
         decoding = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
         continuing = not decoding and cache is not None and bool(cache.get_seq_length() > 0)
         has_latents = (not decoding and input_ids is not None and latent_id is not None
@@ -971,26 +980,34 @@ class VedasForConditionalGenerationMixin:
                 "(processor.tokenizer.padding_side = 'left')."
             )
 
+    def _generation_setting(self, name: str, generation_config, kwargs, model_config: bool = True):
+        """The value `generate` would use for `name`: the first one set (not None) among the arguments, a passed
+        generation config and (with `model_config`) the model's generation config."""
+        for source in (kwargs, generation_config, self.generation_config if model_config else None):
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return value
+        return None
+
     def _check_decoding_settings(self, generation_config, kwargs):
         """The latent steps live in the KV cache that decoding continues from (a DynamicCache built by the latent
         loop): settings that would replace or bypass it are errors."""
-        configs = [kwargs] + [vars(c) for c in (generation_config, self.generation_config) if c is not None]
         for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
-            if any(c.get(name) is not None for c in configs):
+            if self._generation_setting(name, generation_config, kwargs) is not None:
                 raise ValueError(
                     f"Latent generation does not support assisted decoding (`{name}`); pass num_latent_steps=0 to "
                     "use it."
                 )
-        for name in {CACHE_KWARG, "past_key_values"}:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"Latent generation builds its own cache (prompt and latent steps); do not pass `{name}`, or "
-                    "pass num_latent_steps=0."
-                )
-        use_cache = next((c["use_cache"] for c in configs if c.get("use_cache") is not None), True)
-        # a cache_implementation set by the caller is an error; the model's own is dropped (`_decoding_config`)
-        callers = configs[:-1] if self.generation_config is not None else configs
-        implementation = next((c["cache_implementation"] for c in callers if c.get("cache_implementation")), None)
+        name, cache = _cache_argument(kwargs)
+        if cache is not None:
+            raise ValueError(
+                f"Latent generation builds its own cache (prompt and latent steps); do not pass `{name}`, or "
+                "pass num_latent_steps=0."
+            )
+        use_cache = self._generation_setting("use_cache", generation_config, kwargs)
+        use_cache = True if use_cache is None else use_cache
+        # a cache_implementation set by the caller is an error; the model's own is set aside (`_decoding_config`)
+        implementation = self._generation_setting("cache_implementation", generation_config, kwargs, model_config=False)
         if not use_cache or implementation is not None:
             setting = "use_cache=False" if not use_cache else f"cache_implementation={implementation!r}"
             raise ValueError(
@@ -1019,15 +1036,14 @@ class VedasForConditionalGenerationMixin:
         (`max_new_tokens`, `min_new_tokens`) take precedence in transformers and need no shift. A
         `cache_implementation` in the model's generation config is dropped: decoding continues from the
         DynamicCache of the latent steps. A passed config is copied, never changed."""
-        configs = [c for c in (generation_config, self.generation_config) if c is not None]
         kwargs, updates = dict(kwargs), {}
         for name, relative in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-            if kwargs.get(relative) is not None or any(getattr(c, relative, None) is not None for c in configs):
+            if self._generation_setting(relative, generation_config, kwargs) is not None:
                 continue
             if kwargs.get(name) is not None:
                 kwargs[name] += hidden_columns
                 continue
-            value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+            value = self._generation_setting(name, generation_config, kwargs)
             if value is not None:
                 updates[name] = value + hidden_columns
         if getattr(self.generation_config, "cache_implementation", None) is not None:

@@ -248,6 +248,12 @@ class NaiveReference:
     def __init__(self, twin):
         from vedas_hf.modeling import modeling_vedas as mv
 
+        if twin.config.replay_positions != "sequential":
+            raise ValueError(
+                f"NaiveReference implements replay_positions='sequential' only, not "
+                f"{twin.config.replay_positions!r}; benchmark a model with the default."
+            )
+
         self.mv = mv
         self.model = twin
         self.config = twin.config

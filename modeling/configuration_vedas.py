@@ -11,6 +11,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
 
 REPLAY_MODES = ("patches", "soft_mix", "none")
+REPLAY_POSITIONS = ("sequential", "image")
 ROUTER_LAYER_PRESETS = ("all", "odd", "even", "none")
 ROUTER_SCHEDULES = ("fixed", "cosine")
 ROUTER_POSITIONS = ("keep", "rearrange")
@@ -72,6 +73,11 @@ _VEDAS_ARGS_DOC = """
             (table 5c); `"none"` disables replay (Coconut-style baseline).
         replay_top_k (`int`, *optional*, defaults to 32):
             K, visual tokens replayed per latent step (eq. 5).
+        replay_positions (`str`, *optional*, defaults to `"sequential"`):
+            Rotary positions of the replayed visual tokens (the paper does not say): `"sequential"` gives them the
+            next text positions after the prompt, like the latents; `"image"` gives each the M-RoPE position
+            (t, h, w) it has in the prompt, so it keeps where in the image it came from, and the replayed tokens do
+            not advance the text positions of the latents and the answer. `"image"` needs `replay_mode="patches"`.
         router_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
             Decoder layers wrapped with a router (Routing Depth Scaling): `"all"`, `"odd"`, `"even"`, `"none"` or
             a list of layer indices.
@@ -114,6 +120,7 @@ class VedasConfigMixin:
     num_latent_steps: int = 4
     replay_mode: str = "patches"
     replay_top_k: int = 32
+    replay_positions: str = "sequential"
     router_layers: str | list[int] = "all"
     router_top_k: int = 32
     router_schedule: str = "fixed"
@@ -128,11 +135,19 @@ class VedasConfigMixin:
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self._validate_vedas_fields()
+        self.check_vedas_fields()
 
-    def _validate_vedas_fields(self):
+    def validate(self):
+        """transformers' checks (run by `save_pretrained`), then [`check_vedas_fields`]."""
+        super().validate()
+        self.check_vedas_fields()
+
+    def check_vedas_fields(self):
+        """`ValueError` naming the field for any Vedas value out of range. Run at construction, by the model's
+        `__init__` (keyword arguments of `from_pretrained` are set on the config after construction) and at save."""
         choices = {
             "replay_mode": REPLAY_MODES,
+            "replay_positions": REPLAY_POSITIONS,
             "router_schedule": ROUTER_SCHEDULES,
             "router_positions": ROUTER_POSITIONS,
             "token_sr": TOKEN_SR_KINDS,
@@ -153,6 +168,11 @@ class VedasConfigMixin:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        if self.replay_positions == "image" and self.replay_mode == "soft_mix":
+            raise ValueError(
+                "replay_positions='image' needs one position per replayed token, but replay_mode='soft_mix' replays "
+                "their weighted sum as one token; use replay_mode='patches' or replay_positions='sequential'."
+            )
         if not isinstance(self.recon_loss_weight, (int, float)) or self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight!r} must be a number >= 0.")
         resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)

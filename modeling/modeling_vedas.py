@@ -439,6 +439,7 @@ class VedasModelMixin:
     vedas_text_class = None
 
     def __init__(self, config):
+        config.check_vedas_fields()  # from_pretrained sets its keyword arguments after the config's own checks
         self.vedas_pretrained_class.__init__(self, config)
         self.visual = self.vedas_vision_class._from_config(config.vision_config)
         self.language_model = self.vedas_text_class._from_config(
@@ -523,7 +524,9 @@ class ImplicitPhase:
         latent_hidden: `(batch, steps, hidden)` last hidden state of each latent pass.
         prompt_hidden: `(batch, prompt_len, hidden)` final hidden states of the prompt.
         last_hidden: `(batch, hidden)` hidden state of the last processed token.
-        rope_deltas: `(batch, 1)` M-RoPE offset of the prompt (positions after it are cumsum(mask) - 1 + delta).
+        rope_deltas: `(batch, 1)` M-RoPE offset of what follows the latent phase: its positions are
+            cumsum(attention_mask) - 1 + delta (the prompt's offset, minus the replayed tokens with
+            `replay_positions="image"`, which do not advance the text positions).
         inserted: `(batch, inserted_len)` long mask of the inserted tokens (replay + latents), in cache order.
         trace: per step dicts with `index` `(batch, K)` visual-token indices, `valid` `(batch, K)` and `pooled`
             `(batch, hidden)` = Pool(B(t)) (the TokenSR input).
@@ -556,6 +559,7 @@ class VedasForConditionalGenerationMixin:
     vedas_model_class = None
 
     def __init__(self, config):
+        config.check_vedas_fields()  # from_pretrained sets its keyword arguments after the config's own checks
         self.vedas_pretrained_class.__init__(self, config)
         self.model = self.vedas_model_class(config)
         text = config.text_config
@@ -603,6 +607,22 @@ class VedasForConditionalGenerationMixin:
         """Sequential text positions `(3, batch, new_len)` of the last `new_len` columns of `full_mask`."""
         positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_len:] + rope_deltas
         return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def _chunk_positions(self, position_mask, chunk_mask, prompt_positions, replay_columns, rope_deltas):
+        """Positions `(3, batch, n)` of a latent-step chunk (`n` = replayed tokens + the latent) and the grown
+        `position_mask` `(batch, cached_len + n)`, which marks the columns that advance the text positions.
+
+        `"sequential"` replay positions: every valid column of the chunk takes the next text position. `"image"`:
+        the replayed tokens take the prompt's M-RoPE positions at `replay_columns` `(batch, n - 1)` (their prompt
+        columns) and only the latent advances the text positions.
+        """
+        if self.config.replay_positions != "image" or replay_columns is None:
+            position_mask = torch.cat([position_mask, chunk_mask], dim=1)
+            return self._positions_after_prompt(position_mask, chunk_mask.shape[1], rope_deltas), position_mask
+        position_mask = torch.cat([position_mask, torch.zeros_like(chunk_mask[:, :-1]), chunk_mask[:, -1:]], dim=1)
+        latent = self._positions_after_prompt(position_mask, 1, rope_deltas)  # (3, batch, 1)
+        replayed = prompt_positions.gather(2, replay_columns.unsqueeze(0).expand(3, -1, -1))  # (3, batch, n - 1)
+        return torch.cat([replayed, latent], dim=2), position_mask
 
     # ---- one cached pass through the language model ---------------------------------------------------------
 
@@ -692,12 +712,12 @@ class VedasForConditionalGenerationMixin:
         visual_pos, visual_valid = _visual_positions(input_ids == config.image_token_id)
         visited = torch.zeros_like(visual_valid)
         top_k = min(config.replay_top_k, visual_pos.shape[1]) if config.replay_mode != "none" else 0
-        full_mask, last_hidden = attention_mask, prompt_hidden[:, -1]
+        full_mask, position_mask, last_hidden = attention_mask, attention_mask, prompt_hidden[:, -1]
         latent_hidden, inserted, trace, recon_losses = [], [], [], []
         for step in range(step_active.shape[1]):
             active = step_active[:, step]
             latent = last_hidden.unsqueeze(1).to(prompt_embeds.dtype)  # eq. 1
-            chunk, chunk_valid = latent, active[:, None]
+            chunk, chunk_valid, replay_columns = latent, active[:, None], None
             if top_k > 0:
                 tokens, tokens_valid, index, index_valid, pooled = self._replay_tokens(
                     saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
@@ -706,9 +726,12 @@ class VedasForConditionalGenerationMixin:
                 chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
                 visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
                 trace.append({"index": index, "valid": index_valid, "pooled": pooled})
+                replay_columns = visual_pos.gather(1, index)
             chunk_mask = chunk_valid.long()
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
-            chunk_positions = self._positions_after_prompt(full_mask, chunk.shape[1], rope_deltas)
+            chunk_positions, position_mask = self._chunk_positions(
+                position_mask, chunk_mask, positions, replay_columns, rope_deltas
+            )
             hidden, saliency = self._routed_pass(
                 chunk, chunk_positions, full_mask, cache, router_cache,
                 chunk_valid, [(0, chunk.shape[1])], step + 1, capture_saliency=replay and step + 1 < steps,
@@ -725,7 +748,7 @@ class VedasForConditionalGenerationMixin:
             latent_hidden=torch.stack(latent_hidden, dim=1) if latent_hidden else prompt_hidden.new_zeros(batch, 0, hidden_size),
             prompt_hidden=prompt_hidden,
             last_hidden=last_hidden,
-            rope_deltas=rope_deltas,
+            rope_deltas=rope_deltas - (full_mask.sum(-1, keepdim=True) - position_mask.sum(-1, keepdim=True)),
             inserted=torch.cat(inserted, dim=1) if inserted else attention_mask.new_zeros(batch, 0),
             trace=trace,
             recon_losses=recon_losses,

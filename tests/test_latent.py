@@ -34,28 +34,30 @@ def load(vedas_dir, **overrides):
 
 def uncached_first_answer_logits(model, batch, steps):
     """Reference: every latent step re-runs the *whole* sequence from scratch (fresh KV cache and router cache,
-    all chunks routed in one call), then the end marker; returns the logits after the end marker."""
+    all chunks routed in one call), then the end marker; returns the logits after the end marker. Positions are
+    counted here, independently of the model's arithmetic: text positions continue from the prompt's largest
+    M-RoPE position; with `replay_positions="image"` a replayed token takes its prompt column's position and
+    does not count."""
     config = model.config
     start = torch.full((batch["input_ids"].shape[0], 1), config.start_latent_token_id)
     ids = torch.cat([batch["input_ids"], start], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(start)], dim=1).long()
     types = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(start)], dim=1)
     prompt_embeds = model._prompt_embeddings(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
-    prompt_positions, deltas = model._prompt_positions(ids, mask, batch.get("image_grid_thw"), types)
+    prompt_positions, _ = model._prompt_positions(ids, mask, batch.get("image_grid_thw"), types)
     visual_pos, visual_valid = _visual_positions(ids == config.image_token_id)
     visited = torch.zeros_like(visual_valid)
     top_k = min(config.replay_top_k, visual_pos.shape[1])
     embeds, full_mask, chunks, eligible = prompt_embeds, mask, [(0, ids.shape[1])], mask.bool()
+    positions = prompt_positions
+    next_text = prompt_positions.amax(dim=(0, 2)) + 1  # (batch,): the start marker ends every prompt
     active = torch.ones(ids.shape[0], dtype=torch.bool)
 
-    def full_pass(embeds, full_mask, chunks, eligible):
-        positions = torch.cat(
-            [prompt_positions, model._positions_after_prompt(full_mask, embeds.shape[1] - ids.shape[1], deltas)], dim=2
-        ) if embeds.shape[1] > ids.shape[1] else prompt_positions
+    def full_pass(embeds, positions, full_mask, chunks, eligible):
         return model._routed_pass(embeds, positions, full_mask, DynamicCache(config=config.text_config),
                                   VedasRouterCache(), eligible, chunks, 0)
 
-    hidden, saliency = full_pass(embeds, full_mask, chunks, eligible)
+    hidden, saliency = full_pass(embeds, positions, full_mask, chunks, eligible)
     for _ in range(steps):
         tokens, tokens_valid, index, index_valid, _ = model._replay_tokens(
             saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
@@ -63,22 +65,34 @@ def uncached_first_answer_logits(model, batch, steps):
         visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
         chunk = torch.cat([tokens, hidden[:, -1:]], dim=1)
         chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
+        if config.replay_positions == "image":
+            columns = visual_pos.gather(1, index)
+            replayed = torch.stack([prompt_positions[:, row, columns[row]] for row in range(ids.shape[0])], dim=1)
+            chunk_positions = torch.cat([replayed, next_text[None, :, None].expand(3, -1, 1)], dim=2)
+            next_text = next_text + 1
+        else:
+            counts = chunk_valid.long().cumsum(1)
+            chunk_positions = (next_text[:, None] + (counts - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
+            next_text = next_text + counts[:, -1]
+        positions = torch.cat([positions, chunk_positions], dim=2)
         chunks = chunks + [(embeds.shape[1], embeds.shape[1] + chunk.shape[1])]
         embeds = torch.cat([embeds, chunk], dim=1)
         full_mask = torch.cat([full_mask, chunk_valid.long()], dim=1)
         eligible = torch.cat([eligible, chunk_valid], dim=1)
-        hidden, saliency = full_pass(embeds, full_mask, chunks, eligible)
+        hidden, saliency = full_pass(embeds, positions, full_mask, chunks, eligible)
     end = model.get_input_embeddings()(torch.full_like(start, config.end_latent_token_id))
     embeds = torch.cat([embeds, end], dim=1)
+    positions = torch.cat([positions, next_text[None, :, None].expand(3, -1, 1)], dim=2)
     full_mask = torch.cat([full_mask, torch.ones_like(start)], dim=1)
     eligible = torch.cat([eligible, torch.zeros_like(start, dtype=torch.bool)], dim=1)
-    hidden, _ = full_pass(embeds, full_mask, chunks, eligible)
+    hidden, _ = full_pass(embeds, positions, full_mask, chunks, eligible)
     return model.lm_head(hidden[:, -1])
 
 
-@pytest.mark.parametrize("mode", ["patches", "soft_mix"])
-def test_cached_latent_generate_equals_uncached_recomputation(vedas_dir, processor, images, mode):
-    model = load(vedas_dir, replay_mode=mode)
+@pytest.mark.parametrize("mode, positions", [("patches", "sequential"), ("soft_mix", "sequential"),
+                                             ("patches", "image")])
+def test_cached_latent_generate_equals_uncached_recomputation(vedas_dir, processor, images, mode, positions):
+    model = load(vedas_dir, replay_mode=mode, replay_positions=positions)
     batch = make_batch(processor, ["Count the shapes", "Top left colour?"], [[images[0]], [images[1]]])
     out = model.generate(**batch, num_latent_steps=3, max_new_tokens=2, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
@@ -87,8 +101,9 @@ def test_cached_latent_generate_equals_uncached_recomputation(vedas_dir, process
     assert (out.logits[0] - reference).abs().max().item() < 1e-4
 
 
-def test_teacher_forcing_reproduces_generate_logits(vedas_dir, processor, images):
-    model = load(vedas_dir)
+@pytest.mark.parametrize("positions", ["sequential", "image"])
+def test_teacher_forcing_reproduces_generate_logits(vedas_dir, processor, images, positions):
+    model = load(vedas_dir, replay_positions=positions)
     batch = make_batch(processor, ["What is a + b?", "Shape?"], [[images[2]], [images[3]]])
     out = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
@@ -105,8 +120,9 @@ def test_teacher_forcing_reproduces_generate_logits(vedas_dir, processor, images
         assert (logits[:, first + i] - step_logits).abs().max().item() < 1e-4, i
 
 
-def test_mixed_batch_equals_one_by_one(vedas_dir, processor, images):
-    model = load(vedas_dir)
+@pytest.mark.parametrize("positions", ["sequential", "image"])
+def test_mixed_batch_equals_one_by_one(vedas_dir, processor, images, positions):
+    model = load(vedas_dir, replay_positions=positions)
     questions = ["Which digit is the largest one here?", "Colour?", "Say hi without any image"]
     row_images = [[images[0], images[2]], [images[1]], None]
     batch = make_batch(processor, questions, row_images)

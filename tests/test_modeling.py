@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from conftest import make_batch
 from vedas_hf.convert import convert_checkpoint
@@ -295,6 +295,8 @@ def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, process
         ({"replay_top_k": -1}, "replay_top_k=-1"),
         ({"router_depth": 0}, "router_depth=0"),
         ({"replay_mode": "all"}, "replay_mode='all'"),
+        ({"replay_positions": "grid"}, "replay_positions='grid'"),
+        ({"replay_mode": "soft_mix", "replay_positions": "image"}, "replay_positions='image' needs one position"),
         ({"recon_loss_weight": -1.0}, "recon_loss_weight"),
         ({"recon_crop_size": 100}, r"recon_crop_size=100 .* = 28 pixels \(nearest: 112\)"),
         ({"recon_crop_size": 0}, "recon_crop_size=0"),
@@ -306,6 +308,25 @@ def test_tokens_after_the_prompt_never_change_earlier_outputs(vedas_dir, process
 def test_config_rejects_bad_fields(fields, message, config_class):
     with pytest.raises(ValueError, match=message):
         config_class(text_config={"num_hidden_layers": 4, "vocab_size": 100}, image_token_id=90, **fields)
+
+
+@pytest.mark.parametrize("fields, message", [({"router_positions": "rearange"}, "router_positions='rearange'"),
+                                             ({"replay_mode": "soft_mix", "replay_positions": "image"}, "soft_mix")])
+def test_from_pretrained_keyword_arguments_are_checked(vedas_dir, vedas_class, fields, message):
+    """transformers sets `from_pretrained`'s config keyword arguments after the config's own checks; the model's
+    `__init__` checks them (a typo must not silently fall back to a default)."""
+    with pytest.raises(ValueError, match=message):
+        vedas_class.from_pretrained(vedas_dir, **fields)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageTextToText.from_pretrained(vedas_dir, **fields)
+
+
+def test_save_pretrained_checks_a_config_changed_after_construction(vedas_dir, tmp_path):
+    config = AutoConfig.from_pretrained(vedas_dir)
+    config.replay_top_k = 0
+    with pytest.raises(ValueError, match="replay_top_k=0"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_latent_token_clashing_with_image_token_is_rejected(config_class):

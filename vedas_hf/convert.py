@@ -148,8 +148,9 @@ def convert_checkpoint(
 
 def model_card(base_name: str, config, backbone_name: str = "Qwen2-VL") -> str:
     """A short model card with the usage snippet."""
-    settings = {k: getattr(config, k) for k in ("num_latent_steps", "replay_mode", "replay_top_k", "router_layers",
-                                                   "router_top_k", "router_depth", "recon_window", "recon_crop_size")}
+    settings = {k: getattr(config, k) for k in ("num_latent_steps", "replay_mode", "replay_top_k", "replay_positions",
+                                                   "router_layers", "router_top_k", "router_depth", "recon_window",
+                                                   "recon_crop_size")}
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text

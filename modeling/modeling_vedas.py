@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers import GenerationConfig
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.conversion_mapping import (
@@ -857,12 +858,8 @@ class VedasForConditionalGenerationMixin:
         continuing = not decoding and cache is not None and bool(cache.get_seq_length() > 0)
         has_latents = (not decoding and input_ids is not None and latent_id is not None
                        and bool((input_ids == latent_id).any()))
-        if continuing and has_latents:
-            raise ValueError(
-                f"input_ids hold <|latent|> tokens (id {latent_id}) but the call continues a filled cache: the latent "
-                "forward builds its own cache from the prompt. Pass the whole sequence without a cache (training), "
-                "or use generate(num_latent_steps=...)."
-            )
+        if has_latents:
+            _check_latent_forward_arguments(latent_id, cache, use_cache, kwargs)
         if not continuing and (has_latents or pixel_values is not None):  # a prefill or a latent sequence
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
@@ -910,12 +907,12 @@ class VedasForConditionalGenerationMixin:
     def generate(
         self,
         input_ids=None,
+        generation_config=None,
         attention_mask=None,
         pixel_values=None,
         image_grid_thw=None,
         mm_token_type_ids=None,
         num_latent_steps=None,
-        generation_config=None,
         **kwargs,
     ):
         r"""Latent reasoning, then the stock generation loop.
@@ -925,24 +922,35 @@ class VedasForConditionalGenerationMixin:
         stopping criteria all apply). `num_latent_steps=0` is plain decoding.
 
         Args:
-            input_ids: `(batch, prompt_len)` left-padded prompt from the processor.
-            num_latent_steps: latent steps T (defaults to `config.num_latent_steps`).
+            input_ids: `(batch, prompt_len)` left-padded prompt from the processor (also accepted as `inputs`).
+            generation_config: a [`GenerationConfig`], as in stock `generate` (second positional argument).
+            num_latent_steps: latent steps T; if None, `num_latent_steps` of the passed or the model's generation
+                config if set there, else `config.num_latent_steps`.
         Returns:
             Like the stock `generate`: `(batch, prompt_len + new)` ids (prompt then answer), or a
             `GenerateOutput` whose `latent_trace` lists, per step and row, the replayed visual-token indices and
             the W x W window in pixels (`return_dict_in_generate=True`).
         """
-        steps = self.config.num_latent_steps if num_latent_steps is None else num_latent_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
+        if input_ids is None and "inputs" in kwargs:
+            input_ids = kwargs.pop("inputs")
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise ValueError(
+                f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}; pass "
+                "attention_mask and the other processor outputs by keyword (**inputs)."
+            )
+        steps = self._num_latent_steps(num_latent_steps, generation_config)
         if input_ids is not None:
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+            self._check_prompt_has_no_latents(input_ids)
         stock_inputs = dict(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
         )
         if steps == 0:
-            return super().generate(generation_config=generation_config, **stock_inputs, **kwargs)
+            out = super().generate(generation_config=generation_config, **stock_inputs, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                out["latent_trace"] = []
+            return out
         self._check_generate_inputs(input_ids, attention_mask, generation_config, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -983,11 +991,6 @@ class VedasForConditionalGenerationMixin:
     def _check_generate_inputs(self, input_ids, attention_mask, generation_config, kwargs):
         if input_ids is None:
             raise ValueError("Latent generation needs `input_ids` (processor output); got None.")
-        if self.config.latent_token_id is not None and bool((input_ids == self.config.latent_token_id).any()):
-            raise ValueError(
-                f"The prompt holds <|latent|> tokens (id {self.config.latent_token_id}); generate inserts the latent "
-                "steps itself: pass the prompt only and set num_latent_steps."
-            )
         if self.config.end_latent_token_id is None:
             raise ValueError(
                 "config.end_latent_token_id is None: latent generation needs the latent tokens; convert the "
@@ -1001,6 +1004,26 @@ class VedasForConditionalGenerationMixin:
             raise ValueError(
                 "The prompt batch is right-padded; latent generation needs left padding "
                 "(processor.tokenizer.padding_side = 'left')."
+            )
+
+    def _num_latent_steps(self, num_latent_steps, generation_config) -> int:
+        """Latent steps of a `generate` call: the argument, else `num_latent_steps` set on the passed or the model's
+        generation config, else `config.num_latent_steps`."""
+        if num_latent_steps is None:
+            num_latent_steps = self._generation_setting("num_latent_steps", generation_config, {})
+        steps = self.config.num_latent_steps if num_latent_steps is None else num_latent_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
+        return steps
+
+    def _check_prompt_has_no_latents(self, input_ids):
+        """Latent tokens in a `generate` prompt would run the latent training forward as the prefill (any
+        `num_latent_steps`, 0 included): an error."""
+        latent_id = self.config.latent_token_id
+        if latent_id is not None and bool((input_ids == latent_id).any()):
+            raise ValueError(
+                f"The prompt holds <|latent|> tokens (id {latent_id}); generate inserts the latent steps itself: "
+                "pass the prompt only and set num_latent_steps."
             )
 
     def _generation_setting(self, name: str, generation_config, kwargs, model_config: bool = True):
@@ -1082,9 +1105,8 @@ class VedasForConditionalGenerationMixin:
 
     def _generation_expand_size(self, generation_config, kwargs) -> int:
         """How many rows `generate` makes of each prompt (beams or returned sequences); the cache must match."""
-        config = generation_config if generation_config is not None else self.generation_config
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        num_beams = self._generation_setting("num_beams", generation_config, kwargs) or 1
+        returned = self._generation_setting("num_return_sequences", generation_config, kwargs) or 1
         return num_beams if num_beams > 1 else returned
 
     def _public_trace(self, trace, steps, prompt_ids, image_grid_thw):
@@ -1138,6 +1160,24 @@ class VedasQwen2_5_VLForConditionalGeneration(VedasForConditionalGenerationMixin
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_latent_forward_arguments(latent_id, cache, use_cache, kwargs):
+    """The latent forward builds its own KV cache (which also holds the replayed tokens, so it cannot continue
+    `input_ids`) and returns logits and losses only: a cache, `use_cache=True` or extra outputs are errors."""
+    if cache is not None or use_cache:
+        if cache is None:
+            setting = "passes use_cache=True"
+        else:
+            setting = "continues a filled cache" if cache.get_seq_length() > 0 else "passes a cache"
+        raise ValueError(
+            f"input_ids hold <|latent|> tokens (id {latent_id}) and the call {setting}: the latent forward "
+            "builds its own cache from the prompt and returns none. Pass the whole sequence without a cache and "
+            "with use_cache=False (training), or use generate(num_latent_steps=...) with a prompt without latents."
+        )
+    for name in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(name):
+            raise ValueError(f"The latent forward does not return {name.split('_', 1)[1]}; drop {name}=True.")
+
+
 def _check_same_shape(name, tensor, input_ids):
     if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
         raise ValueError(
@@ -1160,6 +1200,9 @@ def _check_images(config, input_ids, pixel_values, image_grid_thw):
         return
     if image_grid_thw is None:
         raise ValueError("pixel_values was given without image_grid_thw; pass both from the processor.")
+    for name, value in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}; use return_tensors='pt'.")
     if image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3 or image_grid_thw.is_floating_point():
         raise ValueError(
             f"image_grid_thw must be an integer tensor of shape (num_images, 3), got {tuple(image_grid_thw.shape)} "
@@ -1189,6 +1232,7 @@ def _check_images(config, input_ids, pixel_values, image_grid_thw):
             f"input_ids hold {image_tokens} image tokens but image_grid_thw describes {len(grids)} images with "
             f"{expected} merged patches; every image needs one <|image_pad|> per merged patch (use the processor)."
         )
+    image_layout(input_ids == config.image_token_id, image_grid_thw, vision)  # per row: a ValueError naming it
 
 
 def check_model_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

@@ -581,3 +581,92 @@ def test_misaligned_latents_are_a_clear_error(vedas_dir, processor, images):
     seq["input_ids"][1, -1] = model.config.latent_token_id
     with pytest.raises(ValueError, match="one block of columns"):
         model(**seq)
+
+
+# ---- generate and forward arguments (HF conventions) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_latent_tokens_in_a_generate_prompt_are_an_error_for_any_step_count(vedas_dir, processor, images, steps):
+    """With 0 steps the prompt would otherwise be prefilled by the latent training forward, which keeps no cache:
+    every token after the first would be decoded without the prompt."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    seq = latent_sequence(processor, batch, model.config, 2, [])
+    with pytest.raises(ValueError, match="generate inserts the latent steps itself"):
+        model.generate(**seq, num_latent_steps=steps, max_new_tokens=3)
+
+
+def test_latent_forward_refuses_a_cache_and_extra_outputs(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    seq = latent_sequence(processor, batch, model.config, 2, [40])
+    with torch.no_grad():
+        reference = model(**seq).logits  # use_cache left unset: fine
+        assert torch.equal(model(**seq, use_cache=False).logits, reference)
+        for extra, message in [({"use_cache": True}, "passes use_cache=True"),
+                               ({"past_key_values": DynamicCache(config=model.config.text_config)}, "passes a cache"),
+                               ({"output_hidden_states": True}, "output_hidden_states=True")]:
+            with pytest.raises(ValueError, match=message):
+                model(**seq, **extra)
+
+
+def test_generation_config_is_the_second_positional_argument_as_in_stock_generate(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    ids = batch.pop("input_ids")
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    by_keyword = model.generate(input_ids=ids, generation_config=config, num_latent_steps=2, **batch)
+    assert torch.equal(model.generate(ids, config, num_latent_steps=2, **batch), by_keyword)
+    assert torch.equal(model.generate(inputs=ids, generation_config=config, num_latent_steps=2, **batch), by_keyword)
+    with pytest.raises(ValueError, match="generation_config must be a GenerationConfig, got Tensor"):
+        model.generate(ids, batch["attention_mask"], num_latent_steps=2)
+
+
+def test_num_latent_steps_from_generation_configs(vedas_dir, processor, images):
+    """Precedence: argument, passed generation config, model generation config, model config."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+    kwargs = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    one = model.generate(**batch, num_latent_steps=1, **kwargs)
+    two = model.generate(**batch, num_latent_steps=2, **kwargs)
+    assert len(one.latent_trace) == 1 and len(two.latent_trace) == 2
+    passed = GenerationConfig(num_latent_steps=1, **kwargs)
+    assert len(model.generate(**batch, generation_config=passed).latent_trace) == 1
+    model.generation_config.num_latent_steps = 2
+    via_model = model.generate(**batch, **kwargs)
+    assert len(via_model.latent_trace) == 2 and torch.equal(via_model.sequences, two.sequences)
+    assert len(model.generate(**batch, generation_config=passed).latent_trace) == 1
+    assert len(model.generate(**batch, num_latent_steps=1, **kwargs).latent_trace) == 1
+    stock = model.generate(**batch, num_latent_steps=0, **kwargs)
+    assert stock.latent_trace == []  # the key is there for every step count
+
+
+@pytest.mark.parametrize("setting", [{"num_beams": 3}, {"num_return_sequences": 2, "do_sample": True}])
+def test_beams_from_the_model_generation_config_with_a_passed_config(vedas_dir, processor, images, setting):
+    """transformers fills a passed config's unset fields from the model's generation config: the latent cache is
+    expanded for those beams / sequences too."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[1]]])
+    torch.manual_seed(0)
+    explicit = model.generate(**batch, num_latent_steps=2, max_new_tokens=3, **setting)
+    for name, value in setting.items():
+        setattr(model.generation_config, name, value)
+    torch.manual_seed(0)
+    inherited = model.generate(**batch, num_latent_steps=2, generation_config=GenerationConfig(max_new_tokens=3))
+    assert inherited.shape[0] == explicit.shape[0] == 2 * setting.get("num_return_sequences", 1)
+    assert torch.equal(inherited, explicit)
+
+
+def test_images_swapped_between_rows_are_a_clear_error(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[2]]])
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts[0] != counts[1]  # the images have different sizes: swapping keeps the totals only
+    batch["image_grid_thw"] = batch["image_grid_thw"].flip(0)
+    for steps in (0, 2):
+        with pytest.raises(ValueError, match="Row 0: .* image tokens do not match"):
+            model.generate(**batch, num_latent_steps=steps, max_new_tokens=2)
+    batch["image_grid_thw"] = batch["image_grid_thw"].tolist()
+    with pytest.raises(ValueError, match="image_grid_thw must be a torch.Tensor, got list"):
+        model.generate(**batch, num_latent_steps=2, max_new_tokens=2)

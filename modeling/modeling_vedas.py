@@ -846,6 +846,8 @@ class VedasForConditionalGenerationMixin:
             attention_mask: `(batch, seq)`.
             pixel_values, image_grid_thw, mm_token_type_ids: processor outputs for the prompt's images.
             labels: `(batch, seq)` with -100 on ignored positions.
+            num_items_in_batch (keyword): if given, the cross-entropy is the token sum divided by it (the Trainer's
+                count over all gradient-accumulation micro-batches) instead of the mean over this batch.
         Returns:
             [`VedasCausalLMOutput`] with logits `(batch, seq, vocab)` aligned with `input_ids`.
         """
@@ -894,7 +896,10 @@ class VedasForConditionalGenerationMixin:
         if phase.recon_losses:
             recon_loss = torch.stack(phase.recon_losses).mean()
         if labels is not None:
-            ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            ce_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),  # token sum / this count (gradient accumulation)
+            )
             loss = ce_loss if recon_loss is None else ce_loss + weight * recon_loss
         trace = [{"index": step["index"], "valid": step["valid"]} for step in phase.trace]
         return VedasCausalLMOutput(

@@ -553,6 +553,20 @@ def test_recon_loss_zero_weight_and_absent_at_inference(vedas_dir, processor, im
     assert out.recon_loss is None and torch.equal(out.loss, out.ce_loss)
 
 
+def test_num_items_in_batch_turns_the_cross_entropy_into_a_token_sum(vedas_dir, processor, images):
+    """The Trainer passes the label count of all gradient-accumulation micro-batches; the latent forward divides
+    the token sum by it, like the stock forward (the reconstruction term is unchanged)."""
+    model = load(vedas_dir).train()
+    seq, labels = training_batch(processor, model, images)
+    torch.manual_seed(0)
+    mean = model(**seq, labels=labels)
+    torch.manual_seed(0)
+    summed = model(**seq, labels=labels, num_items_in_batch=torch.tensor(1000))
+    tokens = int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(summed.ce_loss * 1000, mean.ce_loss * tokens, rtol=1e-5)
+    assert torch.equal(summed.recon_loss, mean.recon_loss)
+
+
 def test_ragged_latent_counts_match_single_rows(vedas_dir, processor, images):
     model = load(vedas_dir)
     config = model.config

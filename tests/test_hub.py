@@ -2,7 +2,10 @@
 (against a fake `HfApi`), and the `image-text-to-text` pipeline on a loaded folder."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +13,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from vedas_hf.convert import convert_checkpoint, detect_backbone
-from vedas_hf.push import check_folder, push_to_hub
-from vedas_hf.testing import make_tiny_images
+import vedas_hf.convert
+import vedas_hf.push
+from conftest import make_batch
+from vedas_hf.convert import SETTABLE_FIELDS, convert_checkpoint, detect_backbone, main as convert_main, model_card
+from vedas_hf.push import IGNORE_PATTERNS, check_folder, push_to_hub
+from vedas_hf.testing import make_tiny_images, make_tiny_stock_checkpoint
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +157,185 @@ def test_image_text_to_text_pipeline_runs_latent_generation(vedas_dir):
     ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_latent_steps=2)
     expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     assert out[0]["generated_text"] == expected
+
+
+def link_copy(source, folder, skip=(), extra=None):
+    """`folder` holding symlinks to the files of `source` except `skip`, plus `extra` ({relative path: text})."""
+    folder.mkdir(parents=True)
+    for name in os.listdir(source):
+        if name not in skip:
+            os.symlink(os.path.join(source, name), folder / name)
+    for name, text in (extra or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if (folder / name).is_symlink():
+            (folder / name).unlink()
+        (folder / name).write_text(text)
+    return folder
+
+
+# ---- conversion: tied embeddings, config overrides, atomic writes, model card ---------------------------------------
+
+
+def test_tied_checkpoint_converts_to_exactly_the_stock_logits(tmp_path, backbone, stock_class, vedas_class, processor,
+                                                             images, caplog):
+    stock_dir = make_tiny_stock_checkpoint(tmp_path / "stock", seed=0, backbone=backbone, tie_word_embeddings=True)
+    stock = stock_class.from_pretrained(stock_dir).eval()
+    assert stock.lm_head.weight.data_ptr() == stock.get_input_embeddings().weight.data_ptr()
+    with caplog.at_level(logging.INFO, logger="vedas_hf.convert"):
+        convert_checkpoint(stock_dir, tmp_path / "vedas", replay_top_k=3, router_top_k=4)
+    model = vedas_class.from_pretrained(tmp_path / "vedas").eval()
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # still tied on reload
+    assert torch.equal(model.lm_head.weight, stock.lm_head.weight)  # latent rows included
+    batch = make_batch(processor, ["What digit is this?", "Colour of the shape?"], [[images[0]], None])
+    with torch.no_grad():
+        expected, got = stock(**batch).logits, model(**batch).logits
+    assert got.shape[-1] == model.config.text_config.vocab_size
+    assert torch.equal(got, expected)  # every column, the latent tokens' included
+    assert "Tied word embeddings: the latent tokens keep their stock embedding rows" in caplog.text
+
+
+def test_settable_fields_are_the_vedas_fields_without_the_token_ids():
+    assert SETTABLE_FIELDS == (
+        "num_latent_steps", "replay_mode", "replay_top_k", "replay_positions", "router_layers", "router_top_k",
+        "router_schedule", "router_alpha_start", "router_alpha_end", "router_depth", "router_positions",
+        "recon_window", "recon_crop_size", "token_sr", "recon_loss_weight",
+    )
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_latent_step": 2}, "'num_latent_step' is not a Vedas config field. Did you mean 'num_latent_steps'? Allowed: "),
+    ({"model_type": "foo"}, "'model_type' is not a Vedas config field. Allowed: num_latent_steps, replay_mode, "),
+    ({"vocab_size": 10}, "'vocab_size' is not a Vedas config field. Allowed: "),
+    ({"latent_token_id": 5}, "latent_token_id cannot be set: convert reads the latent-token ids from the tokenizer"),
+])
+def test_convert_refuses_overrides_that_are_not_vedas_fields(stock_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert_checkpoint(stock_dir, tmp_path / "dst", replay_top_k=3, **overrides)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_cli_set_refuses_a_misspelt_field(stock_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(stock_dir), str(tmp_path / "dst"), "--set", "replay_top_k=3", "--set", "replay_topk=8"])
+    assert exit_info.value.code == 2
+    assert "--set: 'replay_topk' is not a Vedas config field. Did you mean 'replay_top_k'?" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_writes_atomically_and_overwrite_replaces_the_folder(stock_dir, tmp_path, monkeypatch, backbone):
+    from transformers import ProcessorMixin
+
+    root = tmp_path / "out"
+    dst = root / "vedas"
+    seen = []
+
+    def interrupted_save(self, save_directory, *args, **kwargs):
+        seen.append(sorted(os.listdir(save_directory)))
+        raise KeyboardInterrupt("simulated interrupt while saving the processor")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ProcessorMixin, "save_pretrained", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint(stock_dir, dst)
+        assert "model.safetensors" in seen[0] and "config.json" in seen[0]  # interrupted after the weights
+        assert os.listdir(root) == []  # no partial target, no temporary folder
+        dst.mkdir()
+        (dst / "keep.txt").write_text("previous run")
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint(stock_dir, dst, overwrite=True)
+        assert os.listdir(root) == ["vedas"] and os.listdir(dst) == ["keep.txt"]  # existing target untouched
+    convert_checkpoint(stock_dir, dst, overwrite=True, replay_top_k=3)
+    assert os.listdir(root) == ["vedas"] and not (dst / "keep.txt").exists()
+    assert "model.safetensors" in check_folder(dst)
+    # in place (dst == src), through the CLI
+    in_place = tmp_path / "in_place"
+    shutil.copytree(stock_dir, in_place)
+    convert_main([str(in_place), str(in_place), "--overwrite", "--base-model", "me/base"])
+    assert json.loads((in_place / "config.json").read_text())["model_type"] == f"vedas_{backbone}"
+    assert "\nbase_model: me/base\n" in (in_place / "README.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["in_place", "out"]
+    assert type(AutoModelForImageTextToText.from_pretrained(in_place)).__name__.startswith("Vedas")
+    # a target that is a file
+    (root / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=re.escape(f"Target {root / 'file'} is an existing file, not a folder")):
+        convert_checkpoint(stock_dir, root / "file", overwrite=True)
+    assert (root / "file").read_text() == "not a folder"
+
+
+def test_model_card_names_the_hub_base_model_and_loads_the_processor_with_remote_code(stock_dir, tmp_path):
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / ("0123abcd" * 5)
+    shutil.copytree(stock_dir, snapshot)
+    convert_checkpoint(snapshot, tmp_path / "vedas")
+    card = (tmp_path / "vedas" / "README.md").read_text()
+    assert "\n# Vedas latent reasoning on Qwen/Qwen2-VL-2B-Instruct\n" in card
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n"
+                           "base_model: Qwen/Qwen2-VL-2B-Instruct\ntags: [")
+    assert "0123abcd" not in card and "license" not in card
+    assert 'processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True, revision="<pinned commit>")' in card
+    # `_name_or_path` of the stock config when it is a Hub id; a plain folder name titles the card only
+    with open(os.path.join(stock_dir, "config.json")) as f:
+        config = json.load(f)
+    named = link_copy(stock_dir, tmp_path / "named",
+                      extra={"config.json": json.dumps(dict(config, _name_or_path="Qwen/Qwen2.5-VL-3B-Instruct"))})
+    assert vedas_hf.convert._base_model_name(named) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert vedas_hf.convert._base_model_name(named, "me/base") == "me/base"
+    plain = link_copy(stock_dir, tmp_path / "plain-stock")
+    assert vedas_hf.convert._base_model_name(plain) == "plain-stock"
+    vedas_config = AutoConfig.from_pretrained(tmp_path / "vedas")
+    plain_card = model_card("plain-stock", vedas_config)
+    assert "\n# Vedas latent reasoning on plain-stock\n" in plain_card and "base_model" not in plain_card
+
+
+def test_readme_loads_processors_with_remote_code():
+    with open(os.path.join(REPO, "README.md")) as f:
+        lines = [line for line in f if "AutoProcessor.from_pretrained(" in line]
+    assert lines and all("trust_remote_code=True" in line for line in lines), lines
+
+
+# ---- push: required files, hidden files ------------------------------------------------------------------------------
+
+
+def test_push_requires_auto_config_root_weights_and_processor_files(vedas_dir, tmp_path):
+    with open(os.path.join(vedas_dir, "config.json")) as f:
+        config = json.load(f)
+    no_auto_config = dict(config, auto_map={k: v for k, v in config["auto_map"].items() if k != "AutoConfig"})
+    with pytest.raises(ValueError, match=re.escape("has no auto_map for ['AutoConfig']")):
+        check_folder(link_copy(vedas_dir, tmp_path / "no_auto_config", extra={"config.json": json.dumps(no_auto_config)}))
+    nested = link_copy(vedas_dir, tmp_path / "nested", skip={"model.safetensors"})
+    (nested / "weights").mkdir()
+    os.symlink(os.path.join(vedas_dir, "model.safetensors"), nested / "weights" / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape("has no root-level safetensors weights (model.safetensors or "
+                                                   "model.safetensors.index.json)")):
+        check_folder(nested)
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}
+    sharded = link_copy(vedas_dir, tmp_path / "sharded", skip={"model.safetensors"},
+                        extra={"model.safetensors.index.json": json.dumps(index)})
+    os.symlink(os.path.join(vedas_dir, "model.safetensors"), sharded / "model-00001-of-00001.safetensors")
+    assert {"model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= set(check_folder(sharded))
+    for skip, missing in [
+        ({"tokenizer_config.json"}, ["tokenizer_config.json"]),
+        ({"processor_config.json"}, ["processor_config.json or preprocessor_config.json"]),
+        ({"tokenizer_config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja"},  # half written
+         ["tokenizer_config.json", "tokenizer.json or vocab.json", "processor_config.json or preprocessor_config.json"]),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"lacks the processor files {missing} that AutoProcessor loads")):
+            check_folder(link_copy(vedas_dir, tmp_path / f"no_{len(skip)}_{sorted(skip)[0]}", skip=skip))
+
+
+def test_push_never_uploads_hidden_files_or_run_leftovers(vedas_dir, tmp_path, monkeypatch, capsys):
+    leftovers = [".env", ".git/HEAD", ".staging/checkpoint-2/model.safetensors", "checkpoint-5/optimizer.pt",
+                 "runs/events.out", "sub/.secret", "train.lock", "wandb/run-1/logs.txt"]
+    folder = link_copy(vedas_dir, tmp_path / "run", extra={name: "x" for name in leftovers + ["sub/notes.txt"]})
+    files = check_folder(folder)
+    assert files == sorted(os.listdir(vedas_dir) + ["sub/notes.txt"])
+    api = FakeHfApi()
+    push_to_hub(folder, "me/vedas-tiny", api=api)
+    upload = api.calls[-1][2]
+    assert upload["allow_patterns"] == files and upload["ignore_patterns"] == IGNORE_PATTERNS
+    from huggingface_hub.utils import filter_repo_objects
+
+    assert list(filter_repo_objects(sorted(leftovers + files), ignore_patterns=IGNORE_PATTERNS)) == files
+    monkeypatch.setattr(vedas_hf.push, "HfApi", lambda token=None: FakeHfApi())
+    vedas_hf.push.main([str(folder), "me/vedas-tiny"])
+    assert f"Skipping 8 leftover or hidden files: {', '.join(sorted(leftovers))}\n" in capsys.readouterr().out

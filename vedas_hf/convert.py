@@ -1,17 +1,23 @@
 """Convert a stock Qwen2-VL or Qwen2.5-VL checkpoint folder into a Hub-ready Vedas folder.
 
-    python -m vedas_hf.convert SRC DST [--backbone auto] [--overwrite] [--set num_latent_steps=4 --set router_layers=odd ...]
+    python -m vedas_hf.convert SRC DST [--backbone auto] [--overwrite] [--base-model Qwen/Qwen2-VL-2B-Instruct]
+        [--set num_latent_steps=4 --set router_layers=odd ...]
 
 The result holds the Vedas config (with `auto_map`), safetensors weights (stock weights unchanged, new router /
 gate / TokenSR modules initialised, gates at zero), the modeling code files, the processor with the three latent
 tokens added, and a model card. It loads with
 `AutoModelForImageTextToText.from_pretrained(DST, trust_remote_code=True)` and, before any training, gives the
-stock model's outputs.
+stock model's outputs. Everything is written to a hidden sibling folder first and moved to DST only when complete.
 """
 
 import argparse
+import dataclasses
+import difflib
 import json
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +29,10 @@ from . import (
     VedasQwen2VLConfig,
     VedasQwen2VLForConditionalGeneration,
 )
+from .modeling.configuration_vedas import VedasConfigMixin
 
+
+logger = logging.getLogger(__name__)
 
 LATENT_TOKENS = {
     "start_latent_token_id": "<|start-latent|>",
@@ -36,6 +45,32 @@ BACKBONES = {
     "qwen2_5_vl": (VedasQwen2_5_VLConfig, VedasQwen2_5_VLForConditionalGeneration, "Qwen2.5-VL"),
 }
 SUPPORTED_BACKBONES = tuple(BACKBONES)
+# the Vedas config fields `--set` / `convert_checkpoint(**overrides)` may set; the latent-token ids come from the tokenizer
+SETTABLE_FIELDS = tuple(
+    field.name for field in dataclasses.fields(VedasConfigMixin) if field.name not in LATENT_TOKENS
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_config_overrides(overrides: dict) -> dict:
+    """`overrides` if every key is a settable Vedas config field (`SETTABLE_FIELDS`).
+
+    Raises:
+        ValueError: naming the first unknown key, the closest allowed name when there is one, and the allowed names;
+            the three latent-token ids are refused because conversion reads them from the tokenizer.
+    """
+    for key in overrides:
+        if key in SETTABLE_FIELDS:
+            continue
+        if key in LATENT_TOKENS:
+            raise ValueError(
+                f"{key} cannot be set: convert reads the latent-token ids from the tokenizer (after adding "
+                f"{LATENT_TOKENS[key]!r}); drop --set {key}."
+            )
+        close = difflib.get_close_matches(key, SETTABLE_FIELDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{key!r} is not a Vedas config field.{hint} Allowed: {', '.join(SETTABLE_FIELDS)}.")
+    return overrides
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool):
@@ -43,6 +78,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool):
         raise ValueError(f"{src} has no config.json; pass a stock Qwen2-VL checkpoint folder.")
     if not any(src.glob("*.safetensors")):
         raise ValueError(f"{src} has no *.safetensors weights; only safetensors checkpoints are converted.")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"Target {dst} is an existing file, not a folder; pass a folder path (new or empty).")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ValueError(f"Target folder {dst} is not empty; choose an empty folder or pass overwrite=True (--overwrite).")
 
@@ -83,15 +120,72 @@ def add_latent_tokens(tokenizer, vocab_size: int) -> dict:
     return {field: tokenizer.convert_tokens_to_ids(token) for field, token in LATENT_TOKENS.items()}
 
 
-def _init_latent_rows(model, token_ids: list[int], source_id: int):
-    """Copy the input-embedding row of `source_id` into the rows of `token_ids`.
+def _embeddings_tied(model) -> bool:
+    """Whether the input embeddings and the LM head share one weight (`tie_word_embeddings`, e.g. Qwen2-VL-2B)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _init_latent_rows(model, token_ids: list[int], source_id: int) -> bool:
+    """Copy the input-embedding row of `source_id` into the rows of `token_ids`; returns whether rows were copied.
 
     The LM-head rows are left as they are: the latent tokens are never predicted (their labels are masked), and
-    keeping them makes the converted model's logits equal the stock model's over the whole vocabulary.
+    keeping them makes the converted model's logits equal the stock model's over the whole vocabulary. With tied
+    embeddings the input rows *are* the LM-head rows, so nothing is copied: copying would give the latent tokens the
+    source token's logit (eos: sampling and beam search would split its probability with invisible tokens).
     """
+    if _embeddings_tied(model):
+        logger.info(
+            "Tied word embeddings: the latent tokens keep their stock embedding rows (not copied from token id %d) "
+            "so the logits stay exactly the stock model's.", source_id,
+        )
+        return False
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight
         embeddings[token_ids] = embeddings[source_id].clone()
+    return True
+
+
+def _base_model_name(src: Path, base_model: str | None = None) -> str:
+    """The name of the stock checkpoint for the model card: `base_model` if given, else the source config's
+    `_name_or_path` when it looks like a Hub id (owner/name), else the repository of a Hub-cache snapshot folder
+    (`models--owner--name/snapshots/<sha>`), else the folder name."""
+    if base_model:
+        return base_model
+    name_or_path = json.loads((src / "config.json").read_text()).get("_name_or_path") or ""
+    if _HUB_ID.match(name_or_path):
+        return name_or_path
+    resolved = src.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        return resolved.parent.parent.name[len("models--"):].replace("--", "/", 1)
+    return resolved.name
+
+
+def _temporary_sibling(dst: Path, kind: str) -> Path:
+    """A hidden folder next to `dst` (same file system, so renames are atomic), removed first if left over."""
+    path = dst.parent / f".{dst.name}.{kind}-{os.getpid()}"
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def _move_into_place(tmp: Path, dst: Path):
+    """Rename the complete folder `tmp` to `dst`; an existing `dst` is renamed away first and deleted afterwards
+    (restored if the second rename fails)."""
+    if not dst.exists():
+        tmp.rename(dst)
+        return
+    old = _temporary_sibling(dst, "old")
+    dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_checkpoint(
@@ -102,20 +196,37 @@ def convert_checkpoint(
     init_token: str | None = None,
     dtype: torch.dtype | None = None,
     backbone: str = "auto",
+    base_model: str | None = None,
     **config_overrides,
 ) -> str:
     """Convert the stock Qwen2-VL / Qwen2.5-VL checkpoint `src` into a Vedas checkpoint written to `dst`.
 
+    The folder is written to a hidden sibling `.<dst name>.tmp-<pid>` and renamed to `dst` only when complete, so a
+    failure or interrupt leaves no partial `dst` (and an existing `dst` untouched). With `overwrite` an existing
+    `dst` is replaced as a whole (files of the old folder do not survive); `dst == src` converts in place.
+
+    Latent-token embeddings: for untied checkpoints the new tokens' input-embedding rows are copied from
+    `init_token` and their LM-head rows are left as they are. For tied checkpoints (`tie_word_embeddings`, e.g.
+    Qwen2-VL-2B and Qwen2.5-VL-3B) the shared rows are left as they are, since copying them would change the logits;
+    either way the converted model's logits equal the stock model's over the whole vocabulary.
+
     Args:
         src: stock checkpoint folder (config.json, safetensors, processor/tokenizer files).
-        dst: target folder; must be empty unless `overwrite`.
+        dst: target folder; must not exist or be empty unless `overwrite`.
         backbone: `"auto"` (read `model_type` from `src`), `"qwen2_vl"` or `"qwen2_5_vl"` (checked against `src`).
-        init_token: token whose embedding initialises the latent tokens (default: the tokenizer's eos token).
+        init_token: token whose embedding initialises the latent tokens of untied checkpoints (default: the
+            tokenizer's eos token).
         dtype: load/save dtype (default: the checkpoint's).
-        config_overrides: Vedas config fields, e.g. `num_latent_steps=4, router_layers="odd"`.
+        base_model: name of the stock checkpoint for the model card, e.g. `"Qwen/Qwen2-VL-2B-Instruct"` (default:
+            read from `src`, see `_base_model_name`); a Hub id (owner/name) is also written as `base_model:`.
+        config_overrides: Vedas config fields (`SETTABLE_FIELDS`), e.g. `num_latent_steps=4, router_layers="odd"`.
     Returns:
         `dst` as a string.
+    Raises:
+        ValueError: for an unknown override, a bad source folder or backbone, or a target that is a file or a
+            non-empty folder without `overwrite`.
     """
+    check_config_overrides(config_overrides)
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
     config_class, model_class, backbone_name = BACKBONES[detect_backbone(src, backbone)]
@@ -139,22 +250,33 @@ def convert_checkpoint(
         if source_id is None or source_id == tokenizer.unk_token_id:
             raise ValueError(f"init_token={init_token!r} is not in the tokenizer.")
         _init_latent_rows(model, new_ids, source_id)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
-    processor.save_pretrained(dst)
-    (dst / "README.md").write_text(model_card(src.name, config, backbone_name))
+    card = model_card(_base_model_name(src, base_model), config, backbone_name)
+    target = Path(os.path.abspath(dst))  # normalised, so "." or "runs/x/" have a name and a parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(target, "tmp")
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(dst)
 
 
 def model_card(base_name: str, config, backbone_name: str = "Qwen2-VL") -> str:
-    """A short model card with the usage snippet."""
+    """A short model card with the usage snippet; `base_name` titles it and, when it is a Hub id (owner/name), is
+    the `base_model` metadata. No license is written: it is the stock checkpoint's, for the uploader to state."""
     settings = {k: getattr(config, k) for k in ("num_latent_steps", "replay_mode", "replay_top_k", "replay_positions",
                                                    "router_layers", "router_top_k", "router_depth", "recon_window",
                                                    "recon_crop_size")}
+    base_model = f"base_model: {base_name}\n" if _HUB_ID.match(base_name) else ""
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [vedas, latent-reasoning, {backbone_name.lower()}]
+{base_model}tags: [vedas, latent-reasoning, {backbone_name.lower()}]
 ---
 # Vedas latent reasoning on {base_name}
 
@@ -167,7 +289,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 repo = "<this repo>"
 model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, revision="<pinned commit>")
-processor = AutoProcessor.from_pretrained(repo, revision="<pinned commit>")
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True, revision="<pinned commit>")
 processor.tokenizer.padding_side = "left"
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -191,10 +313,14 @@ def main(argv=None):
     parser.add_argument("dst", help="target folder (must be empty unless --overwrite)")
     parser.add_argument("--backbone", default="auto", choices=("auto", *SUPPORTED_BACKBONES),
                         help="stock backbone of SRC (default: read from its config.json)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty target folder")
-    parser.add_argument("--init-token", default=None, help="token whose embedding initialises the latent tokens")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target folder")
+    parser.add_argument("--init-token", default=None,
+                        help="token whose embedding initialises the latent tokens (untied checkpoints only)")
+    parser.add_argument("--base-model", default=None,
+                        help="stock checkpoint name for the model card, e.g. Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="Vedas config field, value parsed as JSON when possible (repeatable)")
+                        help=f"Vedas config field, value parsed as JSON when possible (repeatable); one of "
+                             f"{', '.join(SETTABLE_FIELDS)}")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -202,8 +328,15 @@ def main(argv=None):
             parser.error(f"--set {item!r} must look like FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key] = _parse_value(value)
+    try:
+        check_config_overrides(overrides)
+    except ValueError as error:
+        parser.error(f"--set: {error}")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+    logger.setLevel(logging.INFO)
     out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, init_token=args.init_token,
-                             backbone=args.backbone, **overrides)
+                             backbone=args.backbone, base_model=args.base_model, **overrides)
     print(f"Wrote Vedas checkpoint to {os.path.abspath(out)}")
 
 

@@ -15,7 +15,9 @@ On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with
         --output_dir runs/m3cot --use_peft --bf16 --gradient_checkpointing --learning_rate 4e-5 \
         --per_device_train_batch_size 8
 
-Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag.
+Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. With `--eval_strategy steps`
+(or `epoch`) the evaluation records (`--eval_dataset_path`, or the bundled task's test split) also give the eval loss
+during training; `--resume_from_checkpoint True` continues from the last checkpoint in `--output_dir`.
 """
 
 import json
@@ -111,26 +113,41 @@ def load_model(script_args, training_args):
     return model, processor
 
 
-def main():
+def resume_argument(value):
+    """`--resume_from_checkpoint`: a checkpoint folder, or `True` / `true` for the last checkpoint in output_dir (as
+    `trainer.train(resume_from_checkpoint=True)`); `False` / `false` / unset: start afresh."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true" or None
+    return value
+
+
+def main(argv=None):
+    """Train (and evaluate) as the command line `argv` says; returns the trainer."""
     parser = TrlParser((VedasScriptArguments, VedasSFTConfig))
     parser.set_defaults(**DEMO_DEFAULTS)
-    script_args, training_args = parser.parse_args_and_config()
+    script_args, training_args = parser.parse_args_and_config(argv)
     model, processor = load_model(script_args, training_args)
     train_records, test_records = load_data(script_args, training_args)
     peft_config = vedas_lora_config(r=script_args.lora_r, lora_alpha=script_args.lora_alpha) if script_args.use_peft else None
 
+    evaluating = training_args.eval_strategy != "no"
+    if evaluating and not test_records:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs evaluation records: pass --eval_dataset_path "
+            "(or --num_eval_samples > 0 for a bundled task), or --eval_strategy no."
+        )
     trainer = VedasSFTTrainer(
         model=model, args=training_args, train_dataset=train_records, processing_class=processor,
-        peft_config=peft_config,
+        eval_dataset=test_records if evaluating else None, peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     final_dir = os.path.join(training_args.output_dir, "final")
     trainer.save_model(final_dir)
     processor.save_pretrained(final_dir)
 
     if test_records and trainer.accelerator.is_main_process:
         model = trainer.model.merge_and_unload() if script_args.use_peft else trainer.model
-        steps = training_args.stage_for_epoch(10**9) if training_args.data_mode == "latent" else 0
+        steps = training_args.inference_latent_steps  # what the model was trained for (its config says the same)
         result = evaluate(model, processor, test_records, num_latent_steps=steps,
                           max_new_tokens=script_args.eval_max_new_tokens)
         summary = {k: result[k] for k in ("accuracy", "ar_steps", "seconds_per_sample", "num_samples")}
@@ -139,6 +156,7 @@ def main():
         print(f"Test accuracy {100 * summary['accuracy']:.1f}% over {summary['num_samples']} samples, "
               f"{summary['ar_steps']:.1f} AR steps, {1000 * summary['seconds_per_sample']:.1f} ms/sample; "
               f"checkpoint in {final_dir}")
+    return trainer
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def test_normalize_record_errors_name_index_and_field(bad, message):
         normalize_record(bad, 3)
 
 
+def test_trl_messages_record_error_says_how_to_convert():
+    trl_record = {"messages": [{"role": "user", "content": "What is 3 + 4?"}], "images": []}
+    with pytest.raises(ValueError, match=r"Record 0: field 'question' .* TRL conversational record .* 'rationale'"):
+        normalize_record(trl_record, 0)
+    with pytest.raises(ValueError) as plain:
+        normalize_record({"steps": ["a"], "answer": "1"}, 0)
+    assert "messages" not in str(plain.value)  # the hint only where it applies
+
+
 def test_adapters_map_choices_to_letters():
     m3 = from_m3cot({"question": "Which?", "choices": ["cat", "dog"], "answer": "B", "rationale": "r", "image": None}, 0)
     assert m3["answer"] == "B" and m3["question"].endswith("Options: (A) cat (B) dog")
@@ -167,6 +176,23 @@ def test_stage_label_invariants(processor, stage, num_steps, max_stage, pad):
     assert [f"s{i}." in tail for i in range(num_steps)] == [i >= replaced for i in range(num_steps)]
 
 
+def test_max_length_truncates_the_target_on_the_right_only(processor, record):
+    full = build_stage_example(record, 1, processor=processor)
+    assert build_stage_example(record, 1, processor=processor, max_length=None)["input_ids"] == full["input_ids"]
+    fixed = full["labels"].index(next(label for label in full["labels"] if label != IGNORE_INDEX))
+    for max_length in (fixed + 1, len(full["input_ids"]) - 2):
+        cut = build_stage_example(record, 1, processor=processor, max_length=max_length)
+        assert len(cut["input_ids"]) == len(cut["labels"]) == len(cut["mm_token_type_ids"]) == max_length
+        for key in ("input_ids", "labels", "mm_token_type_ids"):
+            assert cut[key] == full[key][:max_length]
+        assert torch.equal(cut["pixel_values"], full["pixel_values"])
+    longer = build_stage_example(record, 1, processor=processor, max_length=len(full["input_ids"]) + 5)
+    assert longer["input_ids"] == full["input_ids"]
+    message = rf"{len(full['input_ids'])} tokens .* max_length={fixed}: .* Raise max_length \(or set it to None\)"
+    with pytest.raises(ValueError, match=message):  # no room left for a single target token
+        build_stage_example(record, 1, processor=processor, max_length=fixed)
+
+
 # ---- collator ----------------------------------------------------------------------------------------------------
 
 
@@ -213,3 +239,20 @@ def test_collator_alignment_property(processor, latents, lengths):
     first = (batch["input_ids"] == token(processor, "<|latent|>")).int().argmax(1)
     assert len(set(first.tolist())) == 1
     assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in examples]))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (1, 0, 3, 2)])
+def test_collator_mixes_rows_with_and_without_images(processor, images, order):
+    """Text-only rows carry no pixels (or `pixel_values=None`, as a `datasets` transform gives them); image rows
+    keep theirs, in row order, whether the first row has an image or not."""
+    examples = []
+    for image in (None, images[0], None, images[2]):
+        record = {"images": [image] if image else [], "question": "How many?", "steps": ["a.", "b."], "answer": "2"}
+        examples.append(build_stage_example(record, 1, processor=processor))
+    examples[0].update(pixel_values=None, image_grid_thw=None)  # row 2 has no such keys at all
+    examples = [examples[i] for i in order]
+    batch = VedasDataCollator(processor)(examples)
+    with_images = [e for e in examples if e.get("pixel_values") is not None]
+    assert len(with_images) == 2
+    assert torch.equal(batch["pixel_values"], torch.cat([e["pixel_values"] for e in with_images]))
+    assert torch.equal(batch["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in with_images]))

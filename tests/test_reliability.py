@@ -320,6 +320,19 @@ def test_crash_resumes_from_last_checkpoint(tiny, fault_records, uninterrupted, 
     assert losses(resumed) == pytest.approx({k: expected[k] for k in losses(resumed)}, rel=1e-4)
 
 
+def test_sigterm_handler_is_restored_when_training_raises(tiny, fault_records, tmp_path):
+    def previous(signum, frame):
+        pass
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_training(tiny, fault_records, tmp_path, callbacks=[Fault(1, "raise")], save_strategy="no")
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def test_crash_while_saving_leaves_previous_checkpoint_loadable(tiny, fault_records, tmp_path, monkeypatch):
     calls = []
 

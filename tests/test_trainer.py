@@ -1,6 +1,8 @@
 """VedasSFTTrainer: loss decreases, trainable parameters change (frozen ones do not), the curriculum advances on
 schedule and survives resume, saved checkpoints reload in a fresh process, two-process accelerate launch."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
+from vedas_hf.data import IGNORE_INDEX, VedasDataCollator
 from vedas_hf.toy import make_digit_arithmetic
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 from vedas_hf.testing import make_tiny_checkpoint
@@ -65,6 +68,129 @@ def test_config_validation(tmp_path):
     assert VedasSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).gradient_checkpointing  # TRL default
     with pytest.raises(ValueError, match="recon_crop_size=0"):
         make_args(tmp_path, recon_crop_size=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"packing": True}, "packing=True is not supported: the latent curriculum renders"),
+    ({"padding_free": True}, "padding_free=True is not supported: .* Set padding_free=False"),
+    ({"dataloader_num_workers": 1, "dataloader_persistent_workers": True},
+     "dataloader_persistent_workers=True: persistent workers keep the curriculum stage .* Set "
+     "dataloader_persistent_workers=False"),
+], ids=["packing", "padding_free", "persistent_workers"])
+def test_config_rejects_what_the_curriculum_cannot_honour(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_dataloader_workers_render_the_current_stage(tiny_dir, records, tmp_path):
+    """Workers re-created every epoch render the stage the main process set; persistent workers are accepted where
+    the stage never changes (`curriculum=False`: the last stage from the first batch on)."""
+    for persistent, curriculum, expected in ((False, True, [0, 0, 1, 1]), (True, False, [2, 2, 2, 2])):
+        model, processor = load(tiny_dir)
+        args = make_args(tmp_path / str(persistent), num_train_epochs=2, per_device_train_batch_size=4,
+                         dataloader_num_workers=1, dataloader_persistent_workers=persistent, curriculum=curriculum)
+        trainer = VedasSFTTrainer(model=model, args=args, train_dataset=records[:8], processing_class=processor)
+        latents, compute_loss = [], trainer.compute_loss
+
+        def recording(model, inputs, *args, **kwargs):
+            latents.append(int((inputs["input_ids"] == model.config.latent_token_id).sum(1).max()))
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = recording
+        trainer.train()
+        assert latents == expected
+        assert [log["stage"] for log in trainer.state.log_history if "stage" in log] == expected
+
+
+def test_mixed_image_and_text_batches_use_the_images(tiny_dir, tmp_path):
+    """A batch of records with and without images, text-only first, fetched from the curriculum dataset as the
+    DataLoader does: the image rows get their pixels and every row's loss equals its loss in a batch of its own."""
+    from vedas_hf.trainer import curriculum_dataset
+
+    train, _ = make_digit_arithmetic(4, 0, seed=0, digit_size=24, rows=1)
+    mixed = [{**record, "image": None} if i % 2 == 0 else record for i, record in enumerate(train)]
+    model, processor = load(tiny_dir)
+    dataset, _ = curriculum_dataset(mixed, processor, make_args(tmp_path), stage=2)
+    collator = VedasDataCollator(processor)
+    model.eval()
+
+    def run(indices):
+        batch = collator(dataset.__getitems__(indices))
+        with torch.no_grad():
+            return batch, model(**batch).loss.item(), int((batch["labels"] != IGNORE_INDEX).sum())
+
+    batch, loss, _ = run([0, 1, 2, 3])
+    assert batch["image_grid_thw"].tolist() == [dataset[1]["image_grid_thw"][0].tolist(),
+                                                dataset[3]["image_grid_thw"][0].tolist()]
+    assert torch.equal(batch["pixel_values"], torch.cat([dataset[1]["pixel_values"], dataset[3]["pixel_values"]]))
+    singles = [run([i])[1:] for i in range(4)]  # the model's loss is a mean over the labelled tokens
+    assert loss == pytest.approx(sum(l * n for l, n in singles) / sum(n for _, n in singles), rel=1e-5)
+
+
+def test_saved_config_runs_the_latent_steps_training_taught(tiny_dir, records, tmp_path):
+    """`num_latent_steps` of the saved config (what plain `generate()` and `examples/eval.py` run) is
+    `max_latent_stage`, 0 for the baselines; the tiny checkpoint starts at 2."""
+    for overrides, steps in (({"max_latent_stage": 1}, 1), ({"cot_baseline": True}, 0), ({"no_cot_baseline": True}, 0),
+                             ({"max_latent_stage": 3}, 3)):
+        model, processor = load(tiny_dir)
+        assert model.config.num_latent_steps == 2
+        trainer = VedasSFTTrainer(model=model, args=make_args(tmp_path, **overrides), train_dataset=records[:4],
+                                  processing_class=processor)
+        trainer.save_model(tmp_path / "final")
+        assert json.loads((tmp_path / "final" / "config.json").read_text())["num_latent_steps"] == steps, overrides
+
+
+def test_max_length_truncates_rendered_examples(tiny_dir, records, tmp_path):
+    from vedas_hf.trainer import StageRenderer
+
+    _, processor = load(tiny_dir)
+    full = StageRenderer(records[:1], processor, make_args(tmp_path, max_length=None)).example(0)
+    cut = StageRenderer(records[:1], processor, make_args(tmp_path, max_length=len(full["input_ids"]) - 3)).example(0)
+    assert cut["input_ids"] == full["input_ids"][:-3] and cut["labels"] == full["labels"][:-3]
+    prompt = full["labels"].index(next(label for label in full["labels"] if label != IGNORE_INDEX))
+    with pytest.raises(ValueError, match=f"Record 0: An example of {len(full['input_ids'])} tokens .* "
+                                         f"max_length={prompt - 1}"):
+        StageRenderer(records[:1], processor, make_args(tmp_path, max_length=prompt - 1)).example(0)
+
+
+def test_eval_dataset_dict_is_evaluated_by_name(tiny_dir, records, tmp_path):
+    _, test = make_digit_arithmetic(0, 4, seed=5, digit_size=24, rows=1)
+    model, processor = load(tiny_dir)
+    args = make_args(tmp_path, per_device_eval_batch_size=4)
+    metrics = VedasSFTTrainer(model=model, args=args, train_dataset=records[:4],
+                              eval_dataset={"all": test, "half": test[:2]}, processing_class=processor).evaluate()
+    for name, subset in (("all", test), ("half", test[:2])):
+        alone = VedasSFTTrainer(model=model, args=args, train_dataset=records[:4], eval_dataset=subset,
+                                processing_class=processor).evaluate()
+        assert metrics[f"eval_{name}_loss"] == pytest.approx(alone["eval_loss"], rel=1e-6)
+    assert metrics["eval_all_loss"] != metrics["eval_half_loss"]
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_load_best_model_at_end_restores_the_best_checkpoint(tiny_dir, records, tmp_path, peft):
+    """With `greater_is_better=True` on a falling eval loss the best checkpoint is the first, not the last: after
+    training the parameters equal that checkpoint's exactly."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    _, test = make_digit_arithmetic(0, 4, seed=5, digit_size=24, rows=1)
+    model, processor = load(tiny_dir)
+    args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = VedasSFTTrainer(model=model, args=args, train_dataset=records[:16], eval_dataset=test,
+                              processing_class=processor, peft_config=vedas_lora_config(r=4, lora_alpha=8) if peft else None)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    if peft:
+        weights = {step: load_file(tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (2, 4)}
+        current = get_peft_model_state_dict(trainer.model)
+    else:
+        weights = {step: load(tmp_path / f"checkpoint-{step}")[0].state_dict() for step in (2, 4)}
+        current = trainer.model.state_dict()
+    assert weights[2].keys() <= current.keys()
+    assert all(torch.equal(current[key], value) for key, value in weights[2].items())
+    assert not all(torch.equal(current[key], value) for key, value in weights[4].items())
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
 
 
 def test_recon_crop_size_argument_sets_the_model_config(tiny_dir, records, tmp_path):
@@ -263,6 +389,32 @@ def test_resume_mid_stage_continues_identically(tiny_dir, records, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(REPO, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_script_evaluates_and_resumes_from_the_last_checkpoint(tiny_dir, tmp_path):
+    """`--eval_strategy steps` evaluates the eval split during training; `--resume_from_checkpoint True` continues
+    from the last checkpoint in output_dir (checkpoint-2 is not re-trained, so not re-written); the final config runs
+    the trained number of latent steps."""
+    argv = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path), "--num_train_samples", "8",
+            "--num_eval_samples", "2", "--toy_digit_size", "24", "--toy_rows", "1", "--per_device_train_batch_size", "4",
+            "--max_latent_stage", "1", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps",
+            "--eval_steps", "2", "--logging_steps", "1", "--eval_max_new_tokens", "2", "--use_cpu"]
+    sft = load_script("sft")
+    first = sft.main([*argv, "--max_steps", "2"])
+    assert [log["step"] for log in first.state.log_history if "eval_loss" in log] == [2]
+    (tmp_path / "checkpoint-2" / "marker").write_text("first run")
+    resumed = sft.main([*argv, "--max_steps", "4", "--resume_from_checkpoint", "True"])
+    assert (tmp_path / "checkpoint-2" / "marker").is_file()
+    assert resumed.state.global_step == 4
+    assert [log["step"] for log in resumed.state.log_history if "eval_loss" in log] == [2, 4]
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["num_latent_steps"] == 1
+
+
 def test_two_process_accelerate_launch(tiny_dir, tmp_path):
     config = os.path.join(REPO, "examples", "accelerate_configs", "cpu_two_processes.yaml")
     command = [
@@ -291,3 +443,30 @@ def test_qwen2_5_vl_backbone_trains_through_the_curriculum(records, tmp_path):
     assert [log["stage"] for log in logs] == [0.0] * 2 + [1.0] * 2 + [2.0] * 4
     assert all(log["recon_loss"] > 0 for log in logs if log["stage"] > 0)
     assert logs[-1]["ce_loss"] < logs[0]["ce_loss"]
+
+
+@pytest.mark.parametrize("stage", [0, 2], ids=["stock_batches", "latent_with_recon"])
+def test_gradient_accumulation_equals_one_large_batch(tiny_dir, records, tmp_path, stage):
+    """Two micro-batches of 4 with gradient accumulation give the loss and the SGD step of one batch of 8, although
+    the micro-batches hold different numbers of label tokens (token-sum cross-entropy over the Trainer's count,
+    reconstruction mean divided by the number of micro-batches)."""
+    rows = [{**r, "steps": r["steps"][: 1 + (i % 2) * 4]} for i, r in enumerate(records[:8])]
+    rows = sorted(rows, key=lambda r: len(r["steps"]))  # short targets in the first micro-batch, long in the second
+
+    def one_step(batch_size, accumulation):
+        model, processor = load(tiny_dir)
+        args = make_args(tmp_path / f"ga{accumulation}", per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, max_steps=1, curriculum=False,
+                         max_latent_stage=stage, learning_rate=1e-2, optim="sgd", max_grad_norm=0)
+        trainer = VedasSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        trainer.train()
+        return trainer.state.log_history[0], {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    (large_log, large), (accumulated_log, accumulated) = one_step(8, 1), one_step(4, 2)
+    assert accumulated_log["loss"] == pytest.approx(large_log["loss"], rel=1e-5)
+    if stage:
+        assert accumulated_log["recon_loss"] == pytest.approx(large_log["recon_loss"], rel=1e-5)
+    moved = max((large[n] - p).abs().max().item() for n, p in load(tiny_dir)[0].named_parameters())
+    assert moved > 1e-4  # the step did something
+    assert max((large[n] - accumulated[n]).abs().max().item() for n in large) < 1e-6

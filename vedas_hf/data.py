@@ -58,10 +58,18 @@ def _load_image(image, index: int, base_dir: Path | None):
     raise ValueError(f"Record {index}: field 'image' must be a PIL image or a path, got {type(image).__name__}.")
 
 
+MESSAGES_HINT = (
+    " This looks like a TRL conversational record (`messages`); Vedas needs the reasoning as separate fields: map "
+    "each record to {'image' or 'images', 'question': the user text, 'steps' (list) or 'rationale': the reasoning, "
+    "'answer'}."
+)
+
+
 def _text_field(record: dict, name: str, index: int) -> str:
     value = record.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"Record {index}: field {name!r} must be a non-empty string, got {value!r}.")
+        hint = MESSAGES_HINT if "messages" in record else ""
+        raise ValueError(f"Record {index}: field {name!r} must be a non-empty string, got {value!r}.{hint}")
     return value.strip()
 
 
@@ -243,11 +251,16 @@ def build_stage_example(
     use_latent_markers: bool = True,
     answer_prefix: str = "Answer: ",
     mode: str = "latent",
+    max_length: int | None = None,
 ) -> dict:
     """Tokenise a normalised record at a curriculum stage.
 
     Returns `input_ids`, `labels`, `mm_token_type_ids` (lists), `pixel_values` `(patches, dim)` and `image_grid_thw`
     `(images, 3)` tensors (absent without images), and `num_latents`.
+
+    `max_length` (TRL's meaning; `None`: no limit) truncates the example on the right, inside the trained text only:
+    an example whose prompt (images included) and latent block leave no room for one target token is a
+    `ValueError`.
     """
     if mode not in DATA_MODES:
         raise ValueError(f"mode={mode!r}; use one of {DATA_MODES}.")
@@ -267,6 +280,16 @@ def build_stage_example(
     target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [_token_id(tokenizer, END_OF_TURN)]
 
+    fixed = len(prompt_ids) + len(latent_ids)
+    if max_length is not None and fixed + len(target_ids) > max_length:
+        if fixed >= max_length:
+            raise ValueError(
+                f"An example of {fixed + len(target_ids)} tokens ({len(prompt_ids)} of prompt and images, "
+                f"{len(latent_ids)} of latent block) does not fit max_length={max_length}: truncation may only cut the "
+                "reasoning and answer. Raise max_length (or set it to None), or use smaller images (the processor's "
+                "max_pixels)."
+            )
+        target_ids = target_ids[: max_length - fixed]
     input_ids = prompt_ids + latent_ids + target_ids
     example = {
         "input_ids": input_ids,
@@ -288,7 +311,8 @@ class VedasDataCollator:
 
     Rows are left-padded so every prompt (up to and including `<|start-latent|>`) ends at the same column; rows with
     fewer latents than the batch maximum get padding right after their latents; then rows are right-padded to the
-    same length. Padding has attention 0, label -100, modality type 0.
+    same length. Padding has attention 0, label -100, modality type 0. Batches may mix records with and without
+    images: `pixel_values` / `image_grid_thw` concatenate those of the image rows, in row order.
     """
 
     def __init__(self, processor):
@@ -327,7 +351,7 @@ class VedasDataCollator:
         for key, pad in (("input_ids", self.pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0),
                          ("attention_mask", 0)):
             batch[key] = torch.tensor([r[key] + [pad] * (length - len(r[key])) for r in rows])
-        with_images = [e for e in examples if "pixel_values" in e]
+        with_images = [e for e in examples if e.get("pixel_values") is not None]  # text-only rows have None or none
         if with_images:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])

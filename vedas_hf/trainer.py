@@ -21,10 +21,10 @@ from transformers import TrainerCallback
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import VedasDataCollator, build_stage_example, normalize_record
+from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, normalize_record
 
 
 @dataclass
@@ -61,6 +61,13 @@ class VedasSFTConfig(SFTConfig):
         save_on_sigterm (`bool`, *optional*, defaults to `True`):
             On SIGTERM (preemption, `kill`, a scheduler's time limit) finish the current optimizer step, save a
             checkpoint and stop, so `resume_from_checkpoint=True` continues exactly there.
+        max_length (`int` or `None`, *optional*, defaults to `None`):
+            Longer examples are truncated on the right (TRL's meaning), in their reasoning and answer only; an
+            example whose prompt (images included) and latent block leave no room for one target token is an error.
+            `None` (the default here; TRL's is 1024, which one Qwen2-VL image alone can exceed): no truncation.
+
+    `packing`, `padding_free` and `dataloader_persistent_workers` with an advancing curriculum are rejected: the
+    curriculum renders and collates its own examples, and a persistent worker would keep rendering the first stage.
     """
 
     epochs_per_stage: int = field(default=4, metadata={"help": "Epochs per curriculum stage."})
@@ -76,6 +83,11 @@ class VedasSFTConfig(SFTConfig):
     use_latent_markers: bool = field(default=True, metadata={"help": "Wrap latents in start/end markers."})
     max_reasoning_steps: int = field(default=4, metadata={"help": "Max steps when splitting a rationale."})
     save_on_sigterm: bool = field(default=True, metadata={"help": "Save a checkpoint and stop on SIGTERM."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate examples on the right to this many tokens, in their reasoning and answer only "
+                          "(None: no limit)."},
+    )
 
     def __post_init__(self):
         # The dataset is built per stage on the fly and batched by VedasDataCollator; TRL must not tokenize it or drop
@@ -94,6 +106,35 @@ class VedasSFTConfig(SFTConfig):
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight} must be >= 0.")
         if self.recon_crop_size is not None and self.recon_crop_size < 1:
             raise ValueError(f"recon_crop_size={self.recon_crop_size} must be >= 1 pixels (or None).")
+        for name in ("packing", "padding_free"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}=True is not supported: the latent curriculum renders each record at the current stage "
+                    "and VedasDataCollator aligns the latent block of every row in a padded batch. Set "
+                    f"{name}=False."
+                )
+        if getattr(self, "truncation_mode", "keep_start") != "keep_start":
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r} would cut the prompt and its images; use 'keep_start' "
+                "(examples are truncated on the right, in their reasoning and answer only)."
+            )
+        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0 and self.curriculum_advances:
+            raise ValueError(
+                "dataloader_persistent_workers=True: persistent workers keep the curriculum stage they started with "
+                "(the stage is set in the main process each epoch). Set dataloader_persistent_workers=False (workers "
+                "are then re-created every epoch at the new stage), or curriculum=False."
+            )
+
+    @property
+    def curriculum_advances(self) -> bool:
+        """Whether the stage can change during training (latent mode, curriculum on, `max_latent_stage > 0`)."""
+        return self.data_mode == "latent" and self.curriculum and self.max_latent_stage > 0
+
+    @property
+    def inference_latent_steps(self) -> int:
+        """Latent steps the trained model runs at inference: `max_latent_stage`, 0 for the baselines (which decode
+        without latents)."""
+        return self.max_latent_stage if self.data_mode == "latent" else 0
 
     @property
     def data_mode(self) -> str:
@@ -122,20 +163,25 @@ class StageRenderer:
         self.stage = stage
 
     def example(self, index: int) -> dict:
-        """The tokenised example of record `index` at the current stage."""
-        return build_stage_example(
-            self.records[index],
-            self.stage,
-            processor=self.processor,
-            max_latent_stage=self.args.max_latent_stage,
-            pad_latent_to_max=self.args.pad_latent_to_max,
-            use_latent_markers=self.args.use_latent_markers,
-            mode=self.args.data_mode,
-        )
+        """The tokenised example of record `index` at the current stage (a `ValueError` names the record)."""
+        try:
+            return build_stage_example(
+                self.records[index],
+                self.stage,
+                processor=self.processor,
+                max_latent_stage=self.args.max_latent_stage,
+                pad_latent_to_max=self.args.pad_latent_to_max,
+                use_latent_markers=self.args.use_latent_markers,
+                mode=self.args.data_mode,
+                max_length=self.args.max_length,
+            )
+        except ValueError as error:
+            raise ValueError(f"Record {index}: {error}") from None
 
     def __call__(self, batch: dict) -> dict:
         examples = [self.example(i) for i in batch["record_index"]]
-        return {key: [e.get(key) for e in examples] for key in examples[0]}
+        keys = dict.fromkeys(key for e in examples for key in e)  # text-only rows have no pixel_values: None there
+        return {key: [e.get(key) for e in examples] for key in keys}
 
 
 def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0):
@@ -186,6 +232,10 @@ class SaveOnSigtermCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
+        """Put back the SIGTERM handler found at `on_train_begin` (also called when `train()` raises)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
@@ -195,8 +245,10 @@ class VedasSFTTrainer(SFTTrainer):
     """[`~trl.SFTTrainer`] for Vedas latent reasoning.
 
     `train_dataset` / `eval_dataset` are lists of canonical CoT records (dicts, see `vedas_hf.data`), rendered on
-    the fly at the current stage; `processing_class` is the Qwen2-VL processor. The eval dataset is rendered at the
-    final stage (what the trained model will run).
+    the fly at the current stage; `processing_class` is the Qwen2-VL processor. The eval dataset (or a dict of
+    them, evaluated and logged by name) is rendered at the final stage (what the trained model will run). The
+    model config's `num_latent_steps` is set to what training teaches (`max_latent_stage`, 0 for the baselines), so
+    saved checkpoints `generate` the way they were trained.
     """
 
     def __init__(self, model, args: VedasSFTConfig, train_dataset=None, eval_dataset=None, processing_class=None,
@@ -207,13 +259,17 @@ class VedasSFTTrainer(SFTTrainer):
             raise ValueError("Pass the Qwen2-VL processor as processing_class (it renders images and prompts).")
         renderers = []
         if train_dataset is not None:
-            train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args)
+            train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args, args.stage_for_epoch(0))
             renderers.append(renderer)
         self.eval_stage = args.stage_for_epoch(10**9)
-        if eval_dataset is not None:
+        if isinstance(eval_dataset, dict):  # {name: records}, as `Trainer` accepts (a DatasetDict included)
+            eval_dataset = {name: curriculum_dataset(records, processing_class, args, stage=self.eval_stage)[0]
+                            for name, records in eval_dataset.items()}
+        elif eval_dataset is not None:
             eval_dataset, _ = curriculum_dataset(eval_dataset, processing_class, args, stage=self.eval_stage)
         self.curriculum_callback = CurriculumCallback(renderers, args)
-        extra_callbacks = [SaveOnSigtermCallback()] if args.save_on_sigterm else []
+        self.sigterm_callback = SaveOnSigtermCallback() if args.save_on_sigterm else None
+        extra_callbacks = [self.sigterm_callback] if self.sigterm_callback else []
         self._staging_dir = None
         super().__init__(
             model=model,
@@ -225,31 +281,71 @@ class VedasSFTTrainer(SFTTrainer):
             callbacks=[self.curriculum_callback, *extra_callbacks, *(callbacks or [])],
             **kwargs,
         )
-        # The model's loss is a per-token mean; let Trainer scale it for gradient accumulation.
-        self.model_accepts_loss_kwargs = False
+        # compute_loss normalises the loss for gradient accumulation itself (token count over all micro-batches for
+        # the cross-entropy, number of micro-batches for the reconstruction term): Trainer must not divide again.
+        self.model_accepts_loss_kwargs = True
         if args.recon_loss_weight is not None:
             self._vedas_config().recon_loss_weight = args.recon_loss_weight
         if args.recon_crop_size is not None:
             config = self._vedas_config()
             config.check_recon_crop_size(args.recon_crop_size)  # against the vision tower, before anything changes
             config.recon_crop_size = args.recon_crop_size
+        self._set_inference_latent_steps(args.inference_latent_steps)
+
+    def _set_inference_latent_steps(self, steps: int) -> None:
+        """`num_latent_steps` of the model config (and of its generation config where set there, since `generate`
+        reads that first) becomes what training teaches."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model.config.num_latent_steps = steps
+        if getattr(model.generation_config, "num_latent_steps", None) is not None:
+            model.generation_config.num_latent_steps = steps
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; the SIGTERM handler of `save_on_sigterm` is removed however training ends."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.sigterm_callback is not None:
+                self.sigterm_callback.restore()
 
     def _vedas_config(self):
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return model.config
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Latent multi-pass forward; logs `ce_loss`, `recon_loss` and `stage`."""
+        """Latent multi-pass forward; logs `ce_loss` (per-token mean of the batch), `recon_loss` and `stage`.
+
+        In training, `num_items_in_batch` (the Trainer's count of label tokens over all gradient-accumulation
+        micro-batches, and over processes with `average_tokens_across_devices`) turns the cross-entropy into a token
+        sum divided by that count, and the reconstruction term (a mean over samples) is divided by the number of
+        micro-batches: accumulated micro-batches give the loss and gradients of one large batch.
+        """
         mode = "train" if model.training else "eval"
-        outputs = model(**inputs, use_cache=False)  # as TRL: a cache would be written twice by checkpoint replays
+        count = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, use_cache=False, **count)  # no cache: checkpoint replays would write it twice
+        ce, recon = outputs.get("ce_loss", outputs.loss), outputs.get("recon_loss")
+        loss = outputs.loss
+        if num_items_in_batch is not None:
+            loss = self._accumulation_loss(ce, recon)
+            labelled = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            ce = ce * num_items_in_batch / labelled.clamp(min=1)  # back to this batch's per-token mean, for logging
         metrics = self._metrics[mode]
-        metrics["ce_loss"].append(self._gathered_mean(outputs.get("ce_loss", outputs.loss)))
-        recon = outputs.get("recon_loss")
+        metrics["ce_loss"].append(self._gathered_mean(ce))
         if recon is not None:
             metrics["recon_loss"].append(self._gathered_mean(recon))
         stage = self.curriculum_callback.stage if mode == "train" else self.eval_stage
         metrics["stage"].append(float(stage or 0))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulation_loss(self, ce, recon):
+        """This micro-batch's share of the accumulated loss: `ce` is already a token sum over the count of the whole
+        accumulated batch (times the process count when that count spans processes, since DDP averages gradients,
+        as `Trainer.compute_loss` does); the reconstruction mean is divided by the number of micro-batches."""
+        loss = ce * self.accelerator.num_processes if self.args.average_tokens_across_devices else ce
+        if recon is not None:
+            weight = self._vedas_config().recon_loss_weight
+            loss = loss + weight * recon / self.current_gradient_accumulation_steps
+        return loss
 
     def _gathered_mean(self, value: torch.Tensor) -> float:
         return self.accelerator.gather_for_metrics(value.detach().reshape(1)).float().mean().item()
@@ -296,6 +392,24 @@ class VedasSFTTrainer(SFTTrainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: full-model weights go through the same key conversion as a resume
+        ([`_load_from_checkpoint`], an error on any missing weight); `Trainer`'s raw `load_state_dict(strict=False)`
+        would match none of the saved keys and keep the last weights. Adapters (PEFT; their own key names), DeepSpeed
+        and FSDP go through the stock path."""
+        checkpoint = self.state.best_model_checkpoint
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        weights = ADAPTER_SAFE_WEIGHTS_NAME if _is_peft_model(self.model) else SAFE_WEIGHTS_NAME
+        if not os.path.isfile(os.path.join(checkpoint, weights)):
+            raise ValueError(
+                f"load_best_model_at_end: the best checkpoint {checkpoint} has no {weights}; it was not written by "
+                "this trainer (or was deleted). Set load_best_model_at_end=False or restore the checkpoint."
+            )
+        if _is_peft_model(self.model):
+            return super()._load_best_model()
+        self._load_from_checkpoint(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume full-model weights through the model's key conversion.

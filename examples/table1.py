@@ -1,6 +1,6 @@
 """Paper table 1 (+ table 3 ablations) on a bundled task, on the CPU.
 
-    python examples/table1.py                      # handwritten digits, all variants, ~22 minutes on 2 CPU cores
+    python examples/table1.py                      # handwritten digits, the six paper rows, ~20 minutes on 2 CPU cores
     python examples/table1.py --task shapes --output_dir runs/table1-shapes   # easy-VQA counting
     python examples/table1.py --variants cot vedas --num_train_samples 1000   # a subset, smaller
 

@@ -560,7 +560,6 @@ class VedasForConditionalGenerationMixin:
     vedas_model_class = None
 
     def __init__(self, config):
-        config.check_vedas_fields()  # from_pretrained sets its keyword arguments after the config's own checks
         self.vedas_pretrained_class.__init__(self, config)
         self.model = self.vedas_model_class(config)
         text = config.text_config
@@ -613,11 +612,11 @@ class VedasForConditionalGenerationMixin:
         """Positions `(3, batch, n)` of a latent-step chunk (`n` = replayed tokens + the latent) and the grown
         `position_mask` `(batch, cached_len + n)`, which marks the columns that advance the text positions.
 
-        `"sequential"` replay positions: every valid column of the chunk takes the next text position. `"image"`:
-        the replayed tokens take the prompt's M-RoPE positions at `replay_columns` `(batch, n - 1)` (their prompt
-        columns) and only the latent advances the text positions.
+        Without `replay_columns` (`"sequential"` replay positions, or no replay) every valid column of the chunk
+        takes the next text position. With them (`"image"`), the replayed tokens take the prompt's M-RoPE positions
+        at `replay_columns` `(batch, n - 1)` (their prompt columns) and only the latent advances the text positions.
         """
-        if self.config.replay_positions != "image" or replay_columns is None:
+        if replay_columns is None:
             position_mask = torch.cat([position_mask, chunk_mask], dim=1)
             return self._positions_after_prompt(position_mask, chunk_mask.shape[1], rope_deltas), position_mask
         position_mask = torch.cat([position_mask, torch.zeros_like(chunk_mask[:, :-1]), chunk_mask[:, -1:]], dim=1)
@@ -727,7 +726,8 @@ class VedasForConditionalGenerationMixin:
                 chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
                 visited = visited | torch.zeros_like(visited).scatter(1, index, index_valid)
                 trace.append({"index": index, "valid": index_valid, "pooled": pooled})
-                replay_columns = visual_pos.gather(1, index)
+                if config.replay_positions == "image":
+                    replay_columns = visual_pos.gather(1, index)
             chunk_mask = chunk_valid.long()
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
             chunk_positions, position_mask = self._chunk_positions(

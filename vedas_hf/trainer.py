@@ -295,7 +295,7 @@ class VedasSFTTrainer(SFTTrainer):
     def _set_inference_latent_steps(self, steps: int) -> None:
         """`num_latent_steps` of the model config (and of its generation config where set there, since `generate`
         reads that first) becomes what training teaches."""
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self._vedas_model()
         model.config.num_latent_steps = steps
         if getattr(model.generation_config, "num_latent_steps", None) is not None:
             model.generation_config.num_latent_steps = steps
@@ -308,9 +308,12 @@ class VedasSFTTrainer(SFTTrainer):
             if self.sigterm_callback is not None:
                 self.sigterm_callback.restore()
 
+    def _vedas_model(self):
+        """The Vedas model itself (under a PEFT wrapper when there is one)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def _vedas_config(self):
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return model.config
+        return self._vedas_model().config
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Latent multi-pass forward; logs `ce_loss` (per-token mean of the batch), `recon_loss` and `stage`.

@@ -272,7 +272,7 @@ class NaiveReference:
         saliency = None
         if attentions:
             # eq. 4 for the last token: mean over layers and heads of its attention row, (batch, keys)
-            saliency = torch.stack([a[:, :, -1, :].float() for a in out.attentions]).mean(dim=(0, 2)).detach()
+            saliency = torch.stack([a[:, :, -1, :].float() for a in out.attentions]).mean(dim=(0, 2))
         return out.last_hidden_state, saliency
 
     def _positions(self, state_prompt_positions, mask, prompt_len, deltas):

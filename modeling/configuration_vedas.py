@@ -96,7 +96,8 @@ _VEDAS_ARGS_DOC = """
             Rotary positions of selected tokens in the extra passes: `"keep"` their own, `"rearrange"` re-indexed
             0..n-1 over the selected set (table 5d).
         recon_window (`int`, *optional*, defaults to 3):
-            W, side of the densest window on the merged visual grid that is cropped and re-encoded (eq. 7).
+            W, side of the densest window on the merged visual grid that is cropped and re-encoded (eq. 7). An image
+            whose merged grid is smaller on a side gets the largest square that fits (`min(W, h, w)`).
         recon_crop_size (`int`, *optional*):
             Side in pixels of the square the crop is resized to before it is re-encoded (eq. 8: "the standard
             encoder input resolution"); a multiple of `vision_config.patch_size * vision_config.spatial_merge_size`

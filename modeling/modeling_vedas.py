@@ -36,6 +36,7 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLDecoderLayer,
@@ -119,15 +120,16 @@ class _ReplayLayerCache:
 
     def __init__(self, cache, past_length: int):
         self.cache, self.past_length = cache, past_length
+        self.keys = None  # the keys of the replayed call, for the saliency replay
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Keys/values `(batch, kv_heads, past_length + seq, head_dim)` of the replayed call, cache unchanged."""
         if self.past_length == 0:
+            self.keys = key_states
             return key_states, value_states
         layer = self.cache.layers[layer_idx]
-        keys = layer.keys[..., : self.past_length, :]
-        values = layer.values[..., : self.past_length, :]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        self.keys = torch.cat([layer.keys[..., : self.past_length, :], key_states], dim=-2)
+        return self.keys, torch.cat([layer.values[..., : self.past_length, :], value_states], dim=-2)
 
 
 class LatentPass:
@@ -256,6 +258,24 @@ def select_top_alpha(scores: torch.Tensor, eligible: torch.Tensor, chunks: list,
     return torch.cat(indices, dim=1), torch.cat(valids, dim=1)
 
 
+class _BackwardAfter(torch.autograd.Function):
+    """`output` unchanged (a copy); in the backward pass, `other`'s own backward waits for `output`'s gradient.
+
+    The saliency leaves a decoder layer outside its output, and its backward needs the layer's weights (`q_proj`).
+    FSDP and DeepSpeed ZeRO-3 gather a layer's sharded weights when the gradient of the layer's *output* arrives and
+    free them after the layer's backward; tying the saliency to the output keeps its backward inside that window.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        ctx.other_shape, ctx.other_dtype = other.shape, other.dtype
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_zeros(ctx.other_shape, dtype=ctx.other_dtype)
+
+
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`(batch, seq, dim)` gathered at `(batch, n)` -> `(batch, n, dim)`."""
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
@@ -296,23 +316,29 @@ class VedasDecoderLayerMixin:
             return output
         if self.router is not None:
             output = self._route(output, position_embeddings, vedas_pass, store=not replay)
-        # Saliency comes last: a checkpoint replay skips it, and must draw the same random numbers (dropout, e.g. in
-        # LoRA layers) as the first run up to its last saved activation.
-        if vedas_pass.capture_saliency and not replay:
-            vedas_pass.saliency[self.layer_idx] = self._last_token_attention(
-                hidden_states, position_embeddings, cache, vedas_pass.masked_keys()
-            )
+        if vedas_pass.capture_saliency:
+            # The saliency is differentiable (eq. 6 weights the replayed tokens by it, so the CE and reconstruction
+            # losses reach the queries and keys). A checkpoint replay recomputes it from the keys of the replayed
+            # call, the same values in the same op order as the first run (what non-reentrant checkpointing checks),
+            # and keeps the first run's result.
+            keys = kwargs[cache_name].keys if replay else cache.layers[self.layer_idx].keys
+            saliency = self._last_token_attention(hidden_states, position_embeddings, keys, vedas_pass.masked_keys())
+            if not replay:
+                vedas_pass.saliency[self.layer_idx] = saliency
+            if saliency.requires_grad:
+                output = _BackwardAfter.apply(output, saliency)
         return output
 
     # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
 
-    @torch.no_grad()
-    def _last_token_attention(self, hidden_states, position_embeddings, cache, masked_keys):
+    def _last_token_attention(self, hidden_states, position_embeddings, keys, masked_keys):
         """Head-averaged attention of the last token over every cached key: `(batch, past + seq)`.
 
-        Recomputes the last token's query (one token) and reads the keys this layer just wrote to the cache, so it
-        needs neither attention maps nor eager attention: O(heads x keys) memory. `masked_keys` `(batch, 1,
-        past + seq)` marks the keys it may not attend; a row without any key comes out NaN (the caller zeroes it).
+        Recomputes the last token's query (one token) against `keys` `(batch, kv_heads, past + seq, head_dim)`, the
+        keys this layer just wrote to the cache, so it needs neither attention maps nor eager attention:
+        O(heads x keys) memory. Differentiable with respect to the query and the keys, as attention maps are.
+        `masked_keys` `(batch, 1, past + seq)` marks the keys it may not attend; a row without any key comes out NaN
+        (the caller zeroes it).
         """
         attn = self.self_attn
         batch = hidden_states.shape[0]
@@ -320,7 +346,7 @@ class VedasDecoderLayerMixin:
         query = query.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
         cos, sin = (t[:, None, -1:] for t in position_embeddings)  # (B, 1, 1, hd)
         query = query * cos + rotate_half(query) * sin
-        keys = cache.layers[self.layer_idx].keys  # (B, Hkv, P, hd), read in place (no repeat / upcast copies)
+        # keys (B, Hkv, P, hd) read in place (no repeat / upcast copies)
         query = query.reshape(batch, keys.shape[1], -1, attn.head_dim).to(keys.dtype)  # (B, Hkv, G, hd)
         logits = (query @ keys.transpose(-1, -2)).flatten(1, 2).float() * attn.scaling  # (B, H, P)
         return logits.masked_fill(masked_keys, float("-inf")).softmax(dim=-1).mean(dim=1)
@@ -577,6 +603,23 @@ class VedasForConditionalGenerationMixin:
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def load_adapter(self, peft_model_id=None, *args, **kwargs):
+        """transformers' PEFT integration (also what `from_pretrained(adapter_folder)` calls), then the adapter's
+        latent-step count: `VedasSFTTrainer` saves it in a `generation_config.json` next to an adapter, and an adapter
+        loaded onto its base would otherwise run the base config's `num_latent_steps`."""
+        result = super().load_adapter(peft_model_id, *args, **kwargs)
+        if peft_model_id is not None:  # a folder or Hub id (not a state dict)
+            hub = {k: v for k, v in {**kwargs, **(kwargs.get("adapter_kwargs") or {})}.items()
+                   if k in ("revision", "token", "cache_dir", "local_files_only", "subfolder")}
+            found = cached_file(peft_model_id, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False, **hub)
+            # the raw file: `GenerationConfig.from_pretrained` drops unknown fields of a config derived from the model's
+            steps = self.config_class.get_config_dict(found)[0].get("num_latent_steps") if found else None
+            if steps is not None:
+                self.config.num_latent_steps = steps
+                self.generation_config.num_latent_steps = steps
+        return result
+
     # ---- embeddings and positions -----------------------------------------------------------------------------
 
     def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
@@ -673,7 +716,10 @@ class VedasForConditionalGenerationMixin:
         top = scores.topk(top_k, dim=-1)
         index = top.indices
         index_valid = torch.isfinite(top.values) & active[:, None]
-        weights = top.values.masked_fill(~index_valid, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # eq. 6
+        # eq. 6: softmax over the valid selected scores; a row without any (inactive, all visited) gets zeros. The
+        # row is filled with finite values before the softmax so that its gradient is zero, not NaN.
+        scores = top.values.masked_fill(~index_valid, float("-inf"))
+        weights = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid
         visual = _gather_tokens(prompt_embeds, visual_pos.gather(1, index))  # (B, K, hidden)
         weighted = weights.unsqueeze(-1).to(visual.dtype) * visual
         count = index_valid.sum(dim=1, keepdim=True).clamp(min=1)
@@ -1127,8 +1173,7 @@ class VedasForConditionalGenerationMixin:
             rows = []
             for row in range(step["index"].shape[0]):
                 indices = step["index"][row][step["valid"][row]].tolist()
-                window = replay_window(layout, row, step["index"][row], step["valid"][row], self.config.recon_window,
-                                       clamp=True)
+                window = replay_window(layout, row, step["index"][row], step["valid"][row], self.config.recon_window)
                 box = None
                 if window is not None:
                     top, left, size = window["row"] * cell, window["col"] * cell, window["size"] * cell
@@ -1338,12 +1383,13 @@ def densest_window(counts: torch.Tensor, size: int):
     return flat // sums.shape[1], flat % sums.shape[1]
 
 
-def replay_window(layout, row, index, valid, size, clamp=False):
+def replay_window(layout, row, index, valid, size):
     """The W x W window of a row's selected visual tokens, on the image holding most of them.
 
     Args:
         index: `(K,)` selected visual-token indices of the row; valid `(K,)` bool.
-        clamp: shrink the window to the grid instead of raising (for traces).
+        size: W; an image whose merged grid is smaller on a side (a thin or small image) gets the largest square
+            window that fits, `min(W, h, w)`.
     Returns:
         `{"image", "image_in_row", "row", "col", "size"}` on the merged grid, or `None` without a selection.
     """
@@ -1358,7 +1404,7 @@ def replay_window(layout, row, index, valid, size, clamp=False):
         if first <= i < first + h * w:
             local = i - first
             counts[local // w, local % w] += 1
-    size = min(size, h, w) if clamp else size
+    size = min(size, h, w)
     top, left = densest_window(counts, size)
     return {"image": image, "image_in_row": best, "row": top, "col": left, "size": size}
 

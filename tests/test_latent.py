@@ -39,7 +39,8 @@ def uncached_first_answer_logits(model, batch, steps):
     M-RoPE position; with `replay_positions="image"` a replayed token takes its prompt column's position and
     does not count."""
     config = model.config
-    start = torch.full((batch["input_ids"].shape[0], 1), config.start_latent_token_id)
+    device = batch["input_ids"].device
+    start = torch.full((batch["input_ids"].shape[0], 1), config.start_latent_token_id, device=device)
     ids = torch.cat([batch["input_ids"], start], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(start)], dim=1).long()
     types = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(start)], dim=1)
@@ -51,7 +52,7 @@ def uncached_first_answer_logits(model, batch, steps):
     embeds, full_mask, chunks, eligible = prompt_embeds, mask, [(0, ids.shape[1])], mask.bool()
     positions = prompt_positions
     next_text = prompt_positions.amax(dim=(0, 2)) + 1  # (batch,): the start marker ends every prompt
-    active = torch.ones(ids.shape[0], dtype=torch.bool)
+    active = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
 
     def full_pass(embeds, positions, full_mask, chunks, eligible):
         return model._routed_pass(embeds, positions, full_mask, DynamicCache(config=config.text_config),
@@ -385,6 +386,47 @@ def test_backward_reaches_routers_token_sr_and_llm(vedas_dir, processor, images)
     assert model.token_sr.net.weight.grad.abs().sum() > 0
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_saliency_value_and_gradient_equal_eager_attention_maps(vedas_dir, processor, images):
+    """Eq. 4 from the cached keys equals the mean over layers and heads of the last row of eager attention maps (the
+    paper's implementation), in value and in gradient: a loss on the saliency (eq. 6 weights the replayed tokens by
+    it) reaches every layer's queries and keys exactly as through the attention maps."""
+    model = load(vedas_dir, attn_implementation="eager").train()
+    batch = make_batch(processor, ["Which shape is on the left?", "Colour?"], [[images[0]], [images[1]]])
+    config, lm = model.config, model.model.language_model
+    embeds = model._prompt_embeddings(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    positions, _ = model._prompt_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                                           batch["mm_token_type_ids"])
+    mask = batch["attention_mask"]
+    vedas_pass = modeling_vedas.VedasPass(
+        key_mask=mask.bool(), eligible=mask.bool(), chunks=[(0, mask.shape[1])], chunk_index=0,
+        router_cache=VedasRouterCache(), config=config, rotary_emb=lm.rotary_emb,
+    )
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_attentions=True,
+             use_cache=False, vedas_pass=vedas_pass, **{modeling_vedas.CACHE_KWARG: DynamicCache(config=config.text_config)})
+    ours = vedas_pass.mean_saliency()
+    maps = torch.stack([a[:, :, -1, :].float() for a in out.attentions]).mean(dim=(0, 2))
+    assert (ours - maps).abs().max().item() < 1e-6
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(0))
+    parameters = [p for layer in lm.layers for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight)]
+    expected = torch.autograd.grad((maps * weights).sum(), parameters, retain_graph=True)
+    got = torch.autograd.grad((ours * weights).sum(), parameters)
+    for g, e in zip(got, expected):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-8)
+
+
+def test_reconstruction_loss_reaches_the_language_model_through_the_saliency(vedas_dir, processor, images):
+    """With the vision tower frozen (the LoRA recipe) the reconstruction loss must still train the language model:
+    B(t) is weighted by the softmax of the saliency (eq. 6), which depends on every layer's queries and keys."""
+    model = load(vedas_dir).train()
+    model.model.visual.requires_grad_(False)
+    seq, labels = training_batch(processor, model, images)
+    model(**seq, labels=labels).recon_loss.backward()
+    for layer in model.model.language_model.layers:
+        assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+        assert layer.self_attn.k_proj.weight.grad.abs().sum() > 0
 
 
 def enable_checkpointing(model, **kwargs):

@@ -334,12 +334,30 @@ def test_latent_token_clashing_with_image_token_is_rejected(config_class):
         config_class(text_config={"vocab_size": 100}, image_token_id=7, latent_token_id=7)
 
 
-def test_recon_window_larger_than_grid_is_a_clear_error(vedas_dir, processor, images, vedas_class):
-    model = vedas_class.from_pretrained(vedas_dir, recon_window=50).train()
-    batch = make_batch(processor, ["Shape?"], [[images[0]]])
+def test_recon_window_is_clamped_to_thin_images_in_training_as_in_generate(vedas_dir, processor, vedas_class,
+                                                                          monkeypatch):
+    """A thin image (merged grid 1 x 3 with W = 3) must not stop a training run: the window shrinks to the largest
+    square that fits, in the training forward and in `generate`'s trace alike."""
+    from vedas_hf.testing import make_tiny_images
+
+    model = vedas_class.from_pretrained(vedas_dir, recon_window=3).train()
+    thin = make_tiny_images(1, sizes=((48, 16),), seed=1)[0]  # 3 x 1 merged cells (16 px each)
+    batch = make_batch(processor, ["Shape?"], [[thin]])
+    merge = model.config.vision_config.spatial_merge_size
+    grid_h, grid_w = (batch["image_grid_thw"][0, 1:] // merge).tolist()
+    assert min(grid_h, grid_w) < 3
+    windows = []
+    encode = type(model)._encode_crops
+    monkeypatch.setattr(type(model), "_encode_crops", lambda self, w, *a, **k: windows.extend(w) or encode(self, w, *a, **k))
     seq = latent_sequence(processor, batch, model.config, 1, [40])
-    with pytest.raises(ValueError, match="recon_window=50"):
-        model(**seq, labels=seq["input_ids"])
+    out = model(**seq, labels=seq["input_ids"])
+    assert torch.isfinite(out.loss) and out.recon_loss > 0
+    assert [w["size"] for w in windows] == [min(grid_h, grid_w)]
+    trace = model.eval().generate(**batch, num_latent_steps=1, max_new_tokens=1, return_dict_in_generate=True).latent_trace
+    cell = merge * model.config.vision_config.patch_size
+    left, top, right, bottom = trace[0][0]["box"]
+    assert (right - left, bottom - top) == (cell * windows[0]["size"],) * 2
+    assert (top, left) == (windows[0]["row"] * cell, windows[0]["col"] * cell)
 
 
 def test_convert_without_room_for_latent_tokens_is_a_clear_error(tmp_path):

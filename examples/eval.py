@@ -21,6 +21,11 @@ from vedas_hf.eval import evaluate, markdown_table, window_images
 
 
 def load_test_records(args) -> list:
+    """The records to evaluate: the first `--num_samples` of `--dataset_path` (all of them for 0), or that many
+    samples of the bundled task's test split (which needs a positive count)."""
+    if args.num_samples < 0 or (args.num_samples == 0 and args.dataset_path is None):
+        needs = "0 (all records) or more" if args.dataset_path else "at least 1 (the bundled task has no 'all')"
+        raise ValueError(f"--num_samples {args.num_samples}: pass {needs}.")
     if args.dataset_path is None:
         from vedas_hf.toy import make_task
 
@@ -36,7 +41,8 @@ def main(argv=None):
     parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: a bundled task)")
     parser.add_argument("--task", default="digits", help="bundled task without --dataset_path: digits | shapes")
     parser.add_argument("--dataset_format", default="canonical", help=" | ".join(DATASET_FORMATS))
-    parser.add_argument("--num_samples", type=int, default=100, help="samples to evaluate (0: all of a file)")
+    parser.add_argument("--num_samples", type=int, default=100,
+                        help="samples to evaluate (0: all records of --dataset_path; a bundled task needs >= 1)")
     parser.add_argument("--num_latent_steps", type=int, default=None, help="default: the checkpoint's config")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=96)
@@ -46,12 +52,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    records = load_test_records(args)  # before the model: a bad file or count fails fast
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True,
                                                         revision=args.revision)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, revision=args.revision)
     steps = model.config.num_latent_steps if args.num_latent_steps is None else args.num_latent_steps
-    records = load_test_records(args)
     result = evaluate(model, processor, records, num_latent_steps=steps, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "eval")

@@ -29,7 +29,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import TrlParser
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records
+from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records, normalize_record
 from vedas_hf.eval import evaluate
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 
@@ -94,6 +94,17 @@ def load_data(script_args, training_args):
     return train, test
 
 
+def validate_records(records, training_args, source: str, require_steps: bool = True) -> None:
+    """Check every record as training will (fields, reasoning steps, readable images), so a malformed file fails
+    before the model is loaded; `ValueError` naming `source`, the record index and the field. The normalised copies
+    are dropped (the trainer normalises again), so memory stays that of the raw records."""
+    for index, record in enumerate(records):
+        try:
+            normalize_record(record, index, max_steps=training_args.max_reasoning_steps, require_steps=require_steps)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
 def load_model(script_args, training_args):
     """The checkpoint to train, or for the demo a tiny Vedas model pretrained to read the bundled task's images
     (written next to the outputs; the replay picks K=1 token per step and the reconstruction window is 1x1, the size
@@ -126,16 +137,21 @@ def main(argv=None):
     parser = TrlParser((VedasScriptArguments, VedasSFTConfig))
     parser.set_defaults(**DEMO_DEFAULTS)
     script_args, training_args = parser.parse_args_and_config(argv)
-    model, processor = load_model(script_args, training_args)
+    # the data first: a missing or malformed file fails before any model is loaded (or the demo reader pretrained)
     train_records, test_records = load_data(script_args, training_args)
-    peft_config = vedas_lora_config(r=script_args.lora_r, lora_alpha=script_args.lora_alpha) if script_args.use_peft else None
-
     evaluating = training_args.eval_strategy != "no"
     if evaluating and not test_records:
         raise ValueError(
             f"--eval_strategy {training_args.eval_strategy.value} needs evaluation records: pass --eval_dataset_path "
             "(or --num_eval_samples > 0 for a bundled task), or --eval_strategy no."
         )
+    if script_args.dataset_path is not None:  # the bundled tasks are generated valid
+        validate_records(train_records, training_args, "--dataset_path " + script_args.dataset_path)
+        # evaluation records need reasoning steps only for the eval loss during training
+        validate_records(test_records, training_args, f"--eval_dataset_path {script_args.eval_dataset_path}",
+                         require_steps=evaluating)
+    model, processor = load_model(script_args, training_args)
+    peft_config = vedas_lora_config(r=script_args.lora_r, lora_alpha=script_args.lora_alpha) if script_args.use_peft else None
     trainer = VedasSFTTrainer(
         model=model, args=training_args, train_dataset=train_records, processing_class=processor,
         eval_dataset=test_records if evaluating else None, peft_config=peft_config,
@@ -147,7 +163,7 @@ def main(argv=None):
 
     if test_records and trainer.accelerator.is_main_process:
         model = trainer.model.merge_and_unload() if script_args.use_peft else trainer.model
-        steps = training_args.inference_latent_steps  # what the model was trained for (its config says the same)
+        steps = model.config.num_latent_steps  # what the trainer set: the last curriculum stage actually trained
         result = evaluate(model, processor, test_records, num_latent_steps=steps,
                           max_new_tokens=script_args.eval_max_new_tokens)
         summary = {k: result[k] for k in ("accuracy", "ar_steps", "seconds_per_sample", "num_samples")}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from vedas_hf.data import (
     IGNORE_INDEX,
     VedasDataCollator,
+    answer_text,
     build_stage_example,
     dataset_adapter,
     from_m3cot,
@@ -66,6 +67,35 @@ def test_normalize_record_errors_name_index_and_field(bad, message):
         normalize_record(bad, 3)
 
 
+@pytest.mark.parametrize("max_steps", [0, -1, 1.5])
+def test_max_steps_below_one_is_an_error(max_steps):
+    record = {"question": "q", "rationale": "a\n\nb", "answer": "1"}
+    with pytest.raises(ValueError, match=rf"max_steps={max_steps!r} must be an integer >= 1"):
+        normalize_record(record, 0, max_steps=max_steps)
+    with pytest.raises(ValueError, match=rf"max_steps={max_steps!r}"):
+        split_rationale("a\n\nb", max_steps)
+    assert normalize_record(record, 0, max_steps=1)["steps"] == ["a\nb"]
+
+
+def test_json_number_answers_are_written_as_a_model_writes_them():
+    assert [answer_text(a) for a in (3.0, 7, 2.5, -4.0, "3.0", True)] == ["3", "7", "2.5", "-4", "3.0", True]
+    base = {"question": "q", "steps": ["a"]}
+    assert [normalize_record({**base, "answer": a}, 0)["answer"] for a in (3.0, 12, 0.5)] == ["3", "12", "0.5"]
+    with pytest.raises(ValueError, match="Record 0: field 'answer'"):
+        normalize_record({**base, "answer": True}, 0)
+
+
+def test_reasoning_steps_are_optional_only_when_not_required():
+    answer_only = {"question": "q", "answer": "1"}
+    with pytest.raises(ValueError, match="Record 2: needs 'steps'"):
+        normalize_record(answer_only, 2)  # training needs the reasoning
+    assert normalize_record(answer_only, 2, require_steps=False)["steps"] == []
+    assert normalize_record({**answer_only, "rationale": ""}, 2, require_steps=False)["steps"] == []
+    assert normalize_record({**answer_only, "rationale": "a\n\nb"}, 2, require_steps=False)["steps"] == ["a", "b"]
+    with pytest.raises(ValueError, match="Record 2: field 'steps'"):  # present reasoning is still checked
+        normalize_record({**answer_only, "steps": [""]}, 2, require_steps=False)
+
+
 def test_trl_messages_record_error_says_how_to_convert():
     trl_record = {"messages": [{"role": "user", "content": "What is 3 + 4?"}], "images": []}
     with pytest.raises(ValueError, match=r"Record 0: field 'question' .* TRL conversational record .* 'rationale'"):
@@ -82,6 +112,18 @@ def test_adapters_map_choices_to_letters():
     assert sq["answer"] == "C" and sq["rationale"] == "s"
     with pytest.raises(ValueError, match="Record 4: answer 'D'"):
         from_m3cot({"question": "q", "choices": ["a", "b"], "answer": "D"}, 4)
+
+
+def test_adapters_keep_context_and_hint_in_the_question():
+    m3 = {"question": "Which?", "choices": ["cat", "dog"], "answer": "B", "rationale": "r", "context": " A farm. "}
+    assert from_m3cot(m3, 0)["question"] == "Context: A farm.\nWhich?\nOptions: (A) cat (B) dog"
+    assert from_m3cot({**m3, "context": ""}, 0)["question"] == "Which?\nOptions: (A) cat (B) dog"
+    sq = {"question": "Pick", "choices": ["x", "y"], "answer": 1, "solution": "s", "hint": "Whales breathe air."}
+    assert from_scienceqa(sq, 1)["question"] == "Context: Whales breathe air.\nPick\nOptions: (A) x (B) y"
+    assert from_scienceqa({**sq, "hint": ""}, 1)["question"] == "Pick\nOptions: (A) x (B) y"
+    assert from_scienceqa({**sq, "hint": None}, 1)["question"] == "Pick\nOptions: (A) x (B) y"
+    with pytest.raises(ValueError, match="Record 5: field 'hint' must be a string"):
+        from_scienceqa({**sq, "hint": 3}, 5)
 
 
 def test_dataset_adapter_names_the_formats():
@@ -114,6 +156,28 @@ def test_load_records_from_an_image_folder_with_metadata(tmp_path):
     assert [n["answer"] for n in normalized] == ["0", "1"]
     for n, image in zip(normalized, images):
         assert np.array_equal(np.asarray(n["images"][0]), np.asarray(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("name", ["data.ndjson", "DATA.JSONL", "data.Jsonl"])
+def test_load_records_reads_json_lines_under_any_extension_case(tmp_path, name):
+    rows = [{"question": f"q{i}", "steps": ["s"], "answer": str(i)} for i in range(2)]
+    (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_records(tmp_path / name) == rows
+
+
+def test_load_records_names_the_supported_formats_and_splits(tmp_path):
+    (tmp_path / "data.csv").write_text("question,answer\nq,1\n")
+    with pytest.raises(ValueError, match=r"data.csv: unsupported file extension '.csv'; .* .json, .jsonl, .ndjson"):
+        load_records(tmp_path / "data.csv")
+    (tmp_path / "DATA.JSON").write_text(json.dumps([{"question": "q", "steps": ["s"], "answer": "1"}]))
+    assert len(load_records(tmp_path / "DATA.JSON")) == 1
+    from datasets import Dataset, DatasetDict
+
+    split = Dataset.from_list([{"question": "q", "steps": ["s"], "answer": "1"}])
+    splits = DatasetDict({"train": split, "test": split})
+    with pytest.raises(ValueError, match=r"DatasetDict with keys \['train', 'test'\], .* e.g. dataset\['train'\]"):
+        load_records(splits)
+    assert load_records(splits["train"]) == [{"question": "q", "steps": ["s"], "answer": "1"}]
 
 
 def test_image_folder_without_metadata_names_the_fix(tmp_path):
@@ -174,6 +238,50 @@ def test_stage_label_invariants(processor, stage, num_steps, max_stage, pad):
     assert latent_id not in [example["input_ids"][i] for i in supervised]
     tail = processor.tokenizer.decode([example["input_ids"][i] for i in supervised])
     assert [f"s{i}." in tail for i in range(num_steps)] == [i >= replaced for i in range(num_steps)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stage": -1}, r"stage=-1 must be an integer >= 0"),
+        ({"stage": 1.5}, r"stage=1.5 must be an integer >= 0"),
+        ({"stage": 1, "max_latent_stage": -1}, r"max_latent_stage=-1 must be an integer >= 0"),
+        ({"stage": 1, "max_latent_stage": 2.0}, r"max_latent_stage=2.0 must be an integer >= 0"),
+    ],
+)
+def test_bad_stage_is_an_error(processor, record, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_stage_example(record, processor=processor, **kwargs)
+    assert build_stage_example(record, np.int64(1), processor=processor)["num_latents"] == 1  # numpy ints are fine
+
+
+@pytest.mark.parametrize(
+    "field, value, label, special",
+    [
+        ("question", "what does <|latent|> mean?", "question", "<|latent|>"),
+        ("question", "<|start-latent|> q", "question", "<|start-latent|>"),
+        ("steps", ["fine", "a <|end-latent|> b"], "steps[1]", "<|end-latent|>"),
+        ("steps", ["a <|im_end|> b"], "steps[0]", "<|im_end|>"),
+        ("answer", "<|im_start|>7", "answer", "<|im_start|>"),
+        ("question", "x <|image_pad|>", "question", "<|image_pad|>"),
+        ("answer", "<|vision_start|>", "answer", "<|vision_start|>"),
+    ],
+)
+def test_special_token_text_in_a_record_is_an_error(processor, record, field, value, label, special):
+    with pytest.raises(ValueError) as error:
+        build_stage_example({**record, field: value}, 1, processor=processor)
+    assert f"field {label!r} contains the special token string {special!r}" in str(error.value)
+
+
+def test_stage_renderer_names_the_record_with_special_token_text(processor, record, tmp_path):
+    from vedas_hf.trainer import StageRenderer, VedasSFTConfig
+
+    args = VedasSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    bad = {"images": [], "question": "q", "steps": ["a <|latent|> b"], "answer": "1"}
+    assert StageRenderer([record], processor, args).example(0)["num_latents"] == 0
+    # checked when the renderer is built (before training), with the record's index
+    with pytest.raises(ValueError, match=r"^Record 1: field 'steps\[0\]' contains the special token string"):
+        StageRenderer([record, bad], processor, args)
 
 
 def test_max_length_truncates_the_target_on_the_right_only(processor, record):
@@ -239,6 +347,14 @@ def test_collator_alignment_property(processor, latents, lengths):
     first = (batch["input_ids"] == token(processor, "<|latent|>")).int().argmax(1)
     assert len(set(first.tolist())) == 1
     assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in examples]))
+
+
+@pytest.mark.parametrize("key", ["labels", "input_ids", "mm_token_type_ids"])
+def test_collator_names_a_missing_key(processor, record, key):
+    examples = [build_stage_example(record, 1, processor=processor) for _ in range(2)]
+    del examples[1][key]
+    with pytest.raises(ValueError, match=rf"Example 1 has no '{key}' .* render records with build_stage_example"):
+        VedasDataCollator(processor)(examples)
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2, 3), (1, 0, 3, 2)])

@@ -1,6 +1,8 @@
-"""Evaluation harness: exact counts on a tiny checkpoint, accuracy on known predictions, answer parsing on
-adversarial outputs, replay-window PNGs and the examples/eval.py command."""
+"""Evaluation harness: exact counts on a tiny checkpoint, accuracy on known predictions, answer parsing and scoring
+on adversarial outputs, replay-window PNGs, the examples/eval.py command and the data / final evaluation of
+examples/sft.py."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +13,15 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vedas_hf.eval import answers_match, evaluate, extract_answer, markdown_table, window_images
+from vedas_hf.eval import (
+    answers_match,
+    evaluate,
+    extract_answer,
+    markdown_table,
+    normalize_answer,
+    option_letter,
+    window_images,
+)
 from vedas_hf.testing import make_tiny_checkpoint
 from vedas_hf.toy import make_digit_arithmetic
 
@@ -38,13 +48,11 @@ def records():
         ("Answer: 7.", "7"),
         ("Answer: 1 Answer: 4", "4"),  # the last answer counts
         ("Answer:  12 \nmore text", "12"),
-        ("(B) cat", "B"),
-        ("Answer: (c)", "(c)"),  # lower-case letters are not option letters
+        ("(B) cat", "(B) cat"),  # the whole answer: reading an option letter is the scorer's job (gold-dependent)
         ("Answer: B.", "B"),
-        ("B) the dog", "B"),
-        ("Answer: C, because", "C"),
-        ("Because it is red", "Because it is red"),  # a word starting with a capital is not a letter
-        ("Answer: A cat", "A"),  # a capital letter then a space reads as an option letter (choice answers are letters)
+        ("Answer: A dog", "A dog"),
+        ("Answer: E. coli", "E. coli"),
+        ("Answer: I don't know!", "I don't know"),
         ("", ""),
     ],
 )
@@ -52,9 +60,29 @@ def test_extract_answer_on_adversarial_outputs(text, parsed):
     assert extract_answer(text) == parsed
 
 
-def test_answers_match_normalises_case_and_spaces_only():
-    assert answers_match(" b ", "B") and answers_match("New  York", "new york")
-    assert not answers_match("7", "17") and not answers_match("B", "A")
+@pytest.mark.parametrize(
+    "prediction, gold, correct",
+    [
+        # the gold answer is normalised like the prediction
+        ("(B)", "(B)", True), ("B", "(B)", True), ("5", "5.", True), ("New  York", "new york.", True),
+        # option-letter golds: the letter the prediction picks
+        ("(B) cat", "B", True), ("B.", "B", True), ("B) the dog", "B", True), ("C, because", "C", True),
+        ("b", "B", True), ("(c)", "C", True), ("A cat", "B", False), ("Because it is red", "B", False),
+        ("B", "A", False),
+        # other golds: the whole answer, even when it starts with a one-letter word
+        ("A dog", "A dog", True), ("A", "A dog", False), ("I don't know", "I don't know", True),
+        ("I", "I don't know", False), ("E. coli", "E. coli", True), ("E", "E. coli", False),
+        ("A is larger", "A is larger", True), ("U.S", "U.S.", True), ("7", "17", False), ("3.5", "3.5", True),
+    ],
+)
+def test_answers_match_normalises_gold_and_prediction_alike(prediction, gold, correct):
+    assert answers_match(prediction, gold) is correct
+
+
+def test_normalize_answer_and_option_letter():
+    assert normalize_answer(" New  York. ") == "new york" and normalize_answer("5.") == "5"
+    assert [option_letter(a) for a in ("B", "(B)", "B.", "b", "A dog", "AB", "5")] == ["B", "B", "B", "B", None,
+                                                                                      None, None]
 
 
 def test_counts_are_exact_on_a_tiny_checkpoint(tiny, records):
@@ -98,6 +126,51 @@ def test_accuracy_on_known_predictions(tiny, records, monkeypatch):
     assert "| vedas | 60.0 |" in markdown_table({"vedas": result})
 
 
+def _scripted_generate(processor, texts):
+    """A `generate` that emits `texts` in order, each followed by <|im_end|> (what a perfect model writes)."""
+
+    def fake_generate(self, input_ids=None, **kwargs):
+        rows = [processor.tokenizer(texts.pop(0) + "<|im_end|>")["input_ids"] for _ in range(input_ids.shape[0])]
+        width = max(len(r) for r in rows)
+        new = torch.tensor([r + [processor.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+    return fake_generate
+
+
+def test_perfect_answers_score_full_accuracy_on_answer_only_records(tiny, records, monkeypatch):
+    """Each prediction is the training target of its record ("Answer: " + answer): accuracy 1.0 whatever the answer
+    looks like, on records with no reasoning steps (test sets have none) and a JSON number answer 3.0."""
+    _, model, processor = tiny
+    image = records[0]["image"]
+    answers = ["6", "(B)", "5.", "A dog", "E. coli", "I don't know", 3.0]
+    test = [{"image": image, "question": "q?", "answer": answer} for answer in answers]
+    scripted = ["Answer: " + (a if isinstance(a, str) else "3") for a in answers]
+    monkeypatch.setattr(type(model), "generate", _scripted_generate(processor, scripted))
+    result = evaluate(model, processor, test, batch_size=4, progress=False)
+    assert [p["correct"] for p in result["predictions"]] == [True] * len(answers)
+    assert result["accuracy"] == 1.0 and result["predictions"][-1]["answer"] == "3"
+
+
+def test_wrong_one_letter_answers_are_not_cut_to_a_letter(tiny, records, monkeypatch):
+    _, model, processor = tiny
+    test = [{"image": records[0]["image"], "question": "q?", "answer": a} for a in ("A", "A dog", "I don't know")]
+    scripted = ["Answer: A dog", "Answer: A", "Answer: I do"]
+    monkeypatch.setattr(type(model), "generate", _scripted_generate(processor, scripted))
+    result = evaluate(model, processor, test, batch_size=3, progress=False)
+    assert [p["correct"] for p in result["predictions"]] == [True, False, False]
+    assert [p["prediction"] for p in result["predictions"]] == ["A dog", "A", "I do"]
+
+
+def test_evaluate_rejects_empty_and_special_token_records(tiny, records):
+    _, model, processor = tiny
+    with pytest.raises(ValueError, match="No records to evaluate"):
+        evaluate(model, processor, [], progress=False)
+    bad = [records[0], {"image": records[0]["image"], "question": "what is <|latent|>?", "answer": "1"}]
+    with pytest.raises(ValueError, match=r"Record 1: field 'question' contains the special token string '<\|latent\|>'"):
+        evaluate(model, processor, bad, progress=False)
+
+
 def test_window_images_draw_the_replay_boxes(tiny, records, tmp_path):
     _, model, processor = tiny
     paths = window_images(model, processor, records[:2], tmp_path, num_latent_steps=2, max_new_tokens=2)
@@ -122,6 +195,88 @@ def test_eval_command_writes_json_and_markdown(tiny, tmp_path):
     assert 2 + 1 <= summary["ar_steps"] <= 2 + 4
     assert (tmp_path / "out" / "eval.md").read_text().startswith("| method |")
     assert len(os.listdir(tmp_path / "out" / "windows")) == 1
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(REPO, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_samples", "0"], r"--num_samples 0: pass at least 1"),  # a bundled task has no "all"
+        (["--num_samples", "-2"], r"--num_samples -2: pass at least 1"),
+        (["--num_samples", "-1", "--dataset_path", "data.jsonl"], r"--num_samples -1: pass 0 \(all records\) or more"),
+    ],
+)
+def test_eval_command_rejects_sample_counts_that_give_no_records(argv, message, tmp_path):
+    # checked before the checkpoint is read: the checkpoint does not even exist
+    with pytest.raises(ValueError, match=message):
+        load_script("eval").main([str(tmp_path / "no-checkpoint"), *argv])
+
+
+def test_eval_command_zero_samples_reads_the_whole_file(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(3)]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    script = load_script("eval")
+    args = type("Args", (), {"dataset_path": str(tmp_path / "test.jsonl"), "dataset_format": "canonical",
+                             "num_samples": 0})()
+    assert [r["answer"] for r in script.load_test_records(args)] == ["0", "1", "2"]
+    args.num_samples = 2
+    assert len(script.load_test_records(args)) == 2
+
+
+@pytest.fixture
+def sft_without_model(monkeypatch):
+    """examples/sft.py whose `load_model` fails the test: data errors must come before any model is loaded."""
+    sft = load_script("sft")
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(sft, "load_model", load_model)
+    return sft
+
+
+def test_sft_script_checks_the_data_before_loading_the_model(sft_without_model, tmp_path):
+    base = ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="does not exist"):
+        sft_without_model.main([*base, "--dataset_path", str(tmp_path / "missing.jsonl")])
+    rows = [{"question": "q", "steps": ["a"], "answer": "1"}, {"question": "q", "steps": ["a"]}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"--dataset_path .*train.jsonl: Record 1: field 'answer'"):
+        sft_without_model.main([*base, "--dataset_path", str(tmp_path / "train.jsonl")])
+    (tmp_path / "ok.jsonl").write_text(json.dumps(rows[0]))
+    with pytest.raises(ValueError, match="--eval_strategy steps needs evaluation records"):
+        sft_without_model.main([*base, "--dataset_path", str(tmp_path / "ok.jsonl"), "--eval_strategy", "steps"])
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"question": "q", "answer": "1", "image": "nope.png"}))
+    with pytest.raises(ValueError, match=r"--eval_dataset_path .*eval.jsonl: Record 0: cannot read image"):
+        sft_without_model.main([*base, "--dataset_path", str(tmp_path / "ok.jsonl"), "--eval_dataset_path",
+                                str(tmp_path / "eval.jsonl")])
+
+
+def test_sft_script_evaluates_with_the_latent_steps_the_trainer_set(tiny, tmp_path, monkeypatch):
+    """A schedule that ends before max_latent_stage (1 step: stage 0 of 2) is evaluated with the steps the trainer
+    wrote into the model config (0), not with max_latent_stage."""
+    path, _, _ = tiny
+    sft = load_script("sft")
+    seen = {}
+
+    def fake_evaluate(model, processor, records, num_latent_steps, **kwargs):
+        seen["steps"], seen["config"] = num_latent_steps, model.config.num_latent_steps
+        return {"accuracy": 0.5, "ar_steps": 1.0, "seconds_per_sample": 0.1, "num_samples": len(records),
+                "predictions": []}
+
+    monkeypatch.setattr(sft, "evaluate", fake_evaluate)
+    sft.main(["--model_name_or_path", str(path), "--output_dir", str(tmp_path), "--num_train_samples", "4",
+              "--num_eval_samples", "2", "--toy_digit_size", "24", "--toy_rows", "1", "--per_device_train_batch_size",
+              "4", "--max_latent_stage", "2", "--epochs_per_stage", "1", "--max_steps", "1", "--save_strategy", "no",
+              "--use_cpu"])
+    assert seen == {"steps": 0, "config": 0}
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["num_latent_steps"] == 0
 
 
 def test_table1_command_trains_and_evaluates_each_variant_from_one_reader(tmp_path):

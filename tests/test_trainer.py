@@ -211,6 +211,46 @@ def test_recon_crop_size_argument_sets_the_model_config(tiny_dir, records, tmp_p
     assert len(recon) == 2 and all(value > 0 for value in recon)
 
 
+def test_default_schedule_is_the_whole_curriculum(tmp_path):
+    base = dict(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True)
+    assert VedasSFTConfig(**base).num_train_epochs == (4 + 1) * 4
+    assert VedasSFTConfig(**base, epochs_per_stage=2, max_latent_stage=3).num_train_epochs == 8
+    assert VedasSFTConfig(**base, curriculum=False).num_train_epochs == 3.0  # the transformers default
+    assert VedasSFTConfig(**base, cot_baseline=True).num_train_epochs == 3.0
+    assert VedasSFTConfig(**base, num_train_epochs=5).num_train_epochs == 5
+
+
+def test_short_schedule_runs_the_stage_it_reached_and_adapters_keep_it(tiny_dir, records, tmp_path):
+    """2 epochs of a 3-stage curriculum end at stage 1: a warning, every checkpoint's config says the stage it was
+    trained at, evaluation renders stage 1, and the adapter folder (loaded onto the base, whose config says 2)
+    runs 1 latent step."""
+    from transformers.testing_utils import CaptureLogger
+
+    from vedas_hf import trainer as trainer_module
+    from vedas_hf.push import check_folder
+
+    model, processor = load(tiny_dir)
+    assert model.config.num_latent_steps == 2
+    args = make_args(tmp_path / "run", num_train_epochs=2, epochs_per_stage=1, max_latent_stage=2,
+                     save_strategy="epoch", eval_strategy="epoch", per_device_eval_batch_size=4)
+    trainer = VedasSFTTrainer(model=model, args=args, train_dataset=records[:8], eval_dataset=records[8:12],
+                              processing_class=processor, peft_config=vedas_lora_config(r=4, lora_alpha=8))
+    with CaptureLogger(trainer_module.logger) as captured:
+        trainer.train()
+    assert "ends at curriculum stage 1, before max_latent_stage=2" in captured.out
+    assert trainer.eval_stage == 1
+    assert [log["eval_stage"] for log in trainer.state.log_history if "eval_stage" in log] == [1.0, 1.0]
+    saved = [json.loads((tmp_path / "run" / f"checkpoint-{step}" / "generation_config.json").read_text())
+             ["num_latent_steps"] for step in (1, 2)]
+    assert saved == [0, 1]
+    trainer.save_model(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "adapter", trust_remote_code=True)
+    assert reloaded.config.num_latent_steps == 1
+    with pytest.raises(ValueError, match="PEFT adapter; merge it first"):
+        check_folder(tmp_path / "adapter")
+
+
 def test_lora_training_loss_decreases_and_trainable_parameters_change(tiny_dir, records, tmp_path):
     model, processor = load(tiny_dir)
     args = make_args(tmp_path, num_train_epochs=12, epochs_per_stage=4, learning_rate=1e-2)

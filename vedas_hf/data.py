@@ -8,6 +8,7 @@ Stage k of the curriculum replaces the first k steps with k `<|latent|>` tokens 
 """
 
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -23,9 +24,18 @@ DATA_MODES = ("latent", "cot", "no_cot")
 # ---- records -------------------------------------------------------------------------------------------------
 
 
+def _check_max_steps(max_steps) -> None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(
+            f"max_steps={max_steps!r} must be an integer >= 1 (the most reasoning steps a rationale is split into; "
+            "`max_reasoning_steps` in VedasSFTConfig)."
+        )
+
+
 def split_rationale(text: str, max_steps: int) -> list[str]:
     """Split on blank lines; when there are more than `max_steps` pieces, merge neighbours into `max_steps` steps
-    of roughly equal length (in characters)."""
+    of roughly equal length (in characters). `max_steps` below 1 is a `ValueError`."""
+    _check_max_steps(max_steps)
     pieces = [p.strip() for p in text.split("\n\n") if p.strip()]
     if len(pieces) <= max_steps:
         return pieces
@@ -73,42 +83,74 @@ def _text_field(record: dict, name: str, index: int) -> str:
     return value.strip()
 
 
-def normalize_record(record: dict, index: int, max_steps: int = 4, base_dir: Path | None = None) -> dict:
-    """Validate a canonical record; returns `{"images": [RGB PIL], "question", "steps", "answer"}`.
+def answer_text(answer):
+    """A JSON number answer as text: an integral float is written as an integer (`3.0` -> `"3"`, what a model
+    writes), other numbers with `str` (`2.5` -> `"2.5"`); anything else is returned unchanged."""
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        return answer
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer)
 
-    Raises `ValueError` naming the record index and the field for missing/empty fields and unreadable images.
-    """
-    if not isinstance(record, dict):
-        raise ValueError(f"Record {index} must be a dict, got {type(record).__name__}.")
-    steps = record.get("steps")
-    question = _text_field(record, "question", index)
-    answer = record.get("answer")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
-    answer = _text_field({"answer": answer}, "answer", index)
+
+def _reasoning_steps(record: dict, index: int, max_steps: int, required: bool) -> list[str]:
+    """The record's `steps`, or its `rationale` split into at most `max_steps` steps. When not `required`, a record
+    with neither (or only empty ones) has no steps."""
+    steps, rationale = record.get("steps"), record.get("rationale")
+    if not required and not steps and not (isinstance(rationale, str) and rationale.strip()):
+        return []
     if steps is None:
-        rationale = record.get("rationale")
         if not isinstance(rationale, str) or not rationale.strip():
             raise ValueError(f"Record {index}: needs 'steps' (list) or a non-empty 'rationale', got {rationale!r}.")
         steps = split_rationale(rationale, max_steps)
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
         raise ValueError(f"Record {index}: field 'steps' must be a non-empty list of non-empty strings, got {steps!r}.")
+    return [s.strip() for s in steps]
+
+
+def normalize_record(
+    record: dict, index: int, max_steps: int = 4, base_dir: Path | None = None, *, require_steps: bool = True
+) -> dict:
+    """Validate a canonical record; returns `{"images": [RGB PIL], "question", "steps", "answer"}`.
+
+    A number answer becomes text (`3.0` -> `"3"`, see [`answer_text`]). With `require_steps=False` (evaluation,
+    which only needs the image, question and answer) a record without `steps` / `rationale` gets `steps=[]`.
+
+    Raises `ValueError` naming the record index and the field for missing/empty fields and unreadable images, and
+    for `max_steps` below 1.
+    """
+    _check_max_steps(max_steps)
+    if not isinstance(record, dict):
+        raise ValueError(f"Record {index} must be a dict, got {type(record).__name__}.")
+    question = _text_field(record, "question", index)
+    answer = _text_field({"answer": answer_text(record.get("answer"))}, "answer", index)
+    steps = _reasoning_steps(record, index, max_steps, required=require_steps)
     raw_images = record.get("images")
     if raw_images is None:
         raw_images = [] if record.get("image") is None else [record["image"]]
     if not isinstance(raw_images, (list, tuple)):
         raise ValueError(f"Record {index}: field 'images' must be a list, got {type(raw_images).__name__}.")
     images = [_load_image(image, index, base_dir) for image in raw_images]
-    return {"images": images, "question": question, "steps": [s.strip() for s in steps], "answer": answer}
+    return {"images": images, "question": question, "steps": steps, "answer": answer}
 
 
-def _lettered(record: dict, index: int, answer) -> tuple[str, str]:
+def _context_prefix(record: dict, name: str, index: int) -> str:
+    """`"Context: <text>\n"` for a non-empty context field `name` (M3CoT `context`, ScienceQA `hint`), else `""`."""
+    context = record.get(name)
+    if context is None:
+        return ""
+    if not isinstance(context, str):
+        raise ValueError(f"Record {index}: field {name!r} must be a string (or absent), got {type(context).__name__}.")
+    return f"Context: {context.strip()}\n" if context.strip() else ""
+
+
+def _lettered(record: dict, index: int, answer, context: str = "") -> tuple[str, str]:
     choices = record.get("choices")
     if not isinstance(choices, (list, tuple)) or not choices:
         raise ValueError(f"Record {index}: field 'choices' must be a non-empty list, got {choices!r}.")
     letters = [chr(ord("A") + i) for i in range(len(choices))]
     options = " ".join(f"({letter}) {choice}" for letter, choice in zip(letters, choices))
-    question = f"{_text_field(record, 'question', index)}\nOptions: {options}"
+    question = f"{context}{_text_field(record, 'question', index)}\nOptions: {options}"
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return question, letters[answer]
     if isinstance(answer, str) and answer.strip().strip("()").upper() in letters:
@@ -119,14 +161,16 @@ def _lettered(record: dict, index: int, answer) -> tuple[str, str]:
 
 
 def from_m3cot(record: dict, index: int) -> dict:
-    """M3CoT schema (`question`, `choices`, `answer` letter, `rationale`, `image`) -> canonical record."""
-    question, answer = _lettered(record, index, record.get("answer"))
+    """M3CoT schema (`question`, `choices`, `answer` letter, `rationale`, `image`, optional `context`) -> canonical
+    record. A non-empty `context` comes first in the question text, as `"Context: ...\n"`."""
+    question, answer = _lettered(record, index, record.get("answer"), _context_prefix(record, "context", index))
     return {"image": record.get("image"), "question": question, "rationale": record.get("rationale"), "answer": answer}
 
 
 def from_scienceqa(record: dict, index: int) -> dict:
-    """ScienceQA schema (`question`, `choices`, `answer` index, `solution`/`lecture`, `image`) -> canonical."""
-    question, answer = _lettered(record, index, record.get("answer"))
+    """ScienceQA schema (`question`, `choices`, `answer` index, `solution`/`lecture`, `image`, optional `hint`) ->
+    canonical. A non-empty `hint` comes first in the question text, as `"Context: ...\n"`."""
+    question, answer = _lettered(record, index, record.get("answer"), _context_prefix(record, "hint", index))
     rationale = record.get("solution") or record.get("lecture")
     return {"image": record.get("image"), "question": question, "rationale": rationale, "answer": answer}
 
@@ -142,16 +186,28 @@ def dataset_adapter(dataset_format: str):
     return DATASET_FORMATS[dataset_format]
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+RECORD_FILE_SUFFIXES = (".json", *JSON_LINES_SUFFIXES)
+
+
 def _read_json_records(path: Path) -> list:
-    """Records of a `.json` (a list) or `.jsonl` (one object per line) file; `ValueError` naming the file and the
-    line for text that is not UTF-8 or not JSON."""
+    """Records of a `.json` (a list) or `.jsonl` / `.ndjson` (one object per line) file, in any letter case;
+    `ValueError` naming the file and the line for text that is not UTF-8 or not JSON, and naming the supported
+    formats for any other extension."""
+    suffix = path.suffix.lower()
+    if suffix not in RECORD_FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported file extension {path.suffix!r}; records are read from "
+            f"{', '.join(RECORD_FILE_SUFFIXES)} files or an image folder with a metadata.jsonl. Convert the file (e.g. "
+            "`datasets.load_dataset('csv', data_files=...)['train'].to_json('data.jsonl')`)."
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {error.start}); re-encode the file.") from None
-    if path.suffix != ".jsonl":
+    if suffix not in JSON_LINES_SUFFIXES:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
@@ -189,9 +245,15 @@ def _read_image_folder(folder: Path) -> list:
 
 
 def load_records(source, adapter=None) -> list[dict]:
-    """Records from a `.json` / `.jsonl` path, an image folder with a `metadata.jsonl` (the `datasets` imagefolder
-    layout, `file_name` naming each row's image), a list of dicts or a `datasets.Dataset`; `adapter(record, index)`
-    maps each to the canonical schema. Relative image paths are resolved against the file's folder."""
+    """Records from a `.json` / `.jsonl` / `.ndjson` path, an image folder with a `metadata.jsonl` (the `datasets`
+    imagefolder layout, `file_name` naming each row's image), a list of dicts or a `datasets.Dataset`;
+    `adapter(record, index)` maps each to the canonical schema. Relative image paths are resolved against the file's
+    folder. A dict of splits (a `datasets.DatasetDict`) is a `ValueError`: pass one split."""
+    if isinstance(source, dict):
+        raise ValueError(
+            f"load_records got a {type(source).__name__} with keys {list(source)}, not a sequence of records; pass one "
+            "split, e.g. dataset['train']."
+        )
     base_dir = None
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -234,6 +296,37 @@ def _token_id(tokenizer, token: str) -> int:
     return token_id
 
 
+def _check_stage(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an integer >= 0 (a curriculum stage: the number of latent steps).")
+
+
+def record_special_tokens(tokenizer) -> list[str]:
+    """The strings a tokenizer reads as one special or added token wherever they occur in text (`<|im_end|>`,
+    `<|image_pad|>`, `<|latent|>`, ...), which record text must not contain."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values())
+    return sorted(token for token in tokens if token.strip())
+
+
+def check_record_text(record: dict, tokenizer, fields=("question", "steps", "answer")) -> None:
+    """`ValueError` naming the field and the token when a text field of a normalised record contains a special or
+    added token string: the tokenizer would read it as that token (a latent, an end of turn, an image placeholder)
+    instead of text."""
+    tokens = record_special_tokens(tokenizer)
+    for name in fields:
+        values = record.get(name)
+        texts = [(f"{name}[{i}]", v) for i, v in enumerate(values)] if isinstance(values, list) else [(name, values)]
+        for label, text in texts:
+            found = next((token for token in tokens if isinstance(text, str) and token in text), None)
+            if found is not None:
+                raise ValueError(
+                    f"field {label!r} contains the special token string {found!r}, which the tokenizer would read as "
+                    f"that token instead of text; remove it or write it differently in the data (e.g. "
+                    f"{found[0] + ' ' + found[1:]!r})."
+                )
+
+
 def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
     """`(steps replaced, latents)` at `stage` for a record with `num_steps` steps."""
     stage = min(stage, max_latent_stage)
@@ -260,11 +353,15 @@ def build_stage_example(
 
     `max_length` (TRL's meaning; `None`: no limit) truncates the example on the right, inside the trained text only:
     an example whose prompt (images included) and latent block leave no room for one target token is a
-    `ValueError`.
+    `ValueError`. So is a negative or non-integer `stage` / `max_latent_stage`, and a question, step or answer that
+    contains a special token string such as `<|latent|>` or `<|im_end|>` (see [`check_record_text`]).
     """
     if mode not in DATA_MODES:
         raise ValueError(f"mode={mode!r}; use one of {DATA_MODES}.")
+    _check_stage("stage", stage)
+    _check_stage("max_latent_stage", max_latent_stage)
     tokenizer = processor.tokenizer
+    check_record_text(record, tokenizer)
     steps = record["steps"] if mode != "no_cot" else []
     replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
     prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
@@ -330,9 +427,19 @@ class VedasDataCollator:
         count = example["num_latents"]
         return first, count, len(ids) - first - count
 
+    REQUIRED_KEYS = ("input_ids", "labels", "mm_token_type_ids")
+
     def __call__(self, examples: list[dict]) -> dict:
         if not examples:
             raise ValueError("Cannot collate an empty list of examples.")
+        for index, example in enumerate(examples):
+            missing = [key for key in self.REQUIRED_KEYS if key not in example]
+            if missing:
+                raise ValueError(
+                    f"Example {index} has no {', '.join(map(repr, missing))} (keys: {sorted(example)}); "
+                    "VedasDataCollator batches the output of build_stage_example (input_ids, labels, "
+                    "mm_token_type_ids, num_latents): render records with build_stage_example or VedasSFTTrainer."
+                )
         parts = [self._split(e) for e in examples]
         max_prompt = max(p for p, _, _ in parts)
         max_latents = max(k for _, k, _ in parts)
@@ -361,7 +468,9 @@ class VedasDataCollator:
 __all__ = [
     "VedasDataCollator",
     "DATASET_FORMATS",
+    "answer_text",
     "build_stage_example",
+    "check_record_text",
     "dataset_adapter",
     "from_m3cot",
     "from_scienceqa",

@@ -1,8 +1,9 @@
 """Evaluation harness (paper table 1 protocol): accuracy, autoregressive steps and wall time per sample.
 
 `evaluate(model, processor, records, num_latent_steps=T)` generates an answer for every canonical record in
-batches (left padding), parses the text after the answer prefix (or an option letter) and compares it with the
-record's answer. AR steps are the latent steps plus the generated tokens up to and including the end of turn.
+batches (left padding), parses the text after the answer prefix and compares it with the record's answer
+([`answers_match`]: the option letter when the gold answer is one, else the normalised answer). AR steps are the
+latent steps plus the generated tokens up to and including the end of turn.
 """
 
 import re
@@ -11,29 +12,73 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import normalize_record, prompt_messages
+from .data import check_record_text, normalize_record, prompt_messages
 
 
-_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.):,\s]|$)")
+_TRAILING = ".。!?, "
+_OPTION = re.compile(r"\(?([A-Za-z])\)?\.?")  # a whole answer that is an option letter: "B", "(B)", "B.", "b"
+_LEADING_OPTION = re.compile(r"\(?([A-Z])\)?(?:[.):,\s]|$)")  # an answer that starts with one: "(B) cat", "C, as"
 
 
 def extract_answer(text: str, answer_prefix: str = "Answer:") -> str:
     """The answer in a generated `text`: what follows the last `answer_prefix` (the whole text without one),
-    first line only, stripped of surrounding spaces and trailing punctuation. An option letter such as
-    `"(B) cat"` or `"B."` is reduced to `"B"`."""
+    first line only, stripped of surrounding spaces and trailing punctuation (`. 。 ! ? ,`)."""
     if answer_prefix and answer_prefix in text:
         text = text.rsplit(answer_prefix, 1)[1]
     text = text.strip().split("\n", 1)[0].strip()
-    letter = _LETTER.match(text)
-    if letter and (len(text) <= 3 or text[1:2] in ").:, " or text.startswith("(")):
-        return letter.group(1)
-    return text.rstrip(".。!?, ").strip()
+    return text.rstrip(_TRAILING).strip()
+
+
+def normalize_answer(text) -> str:
+    """The form answers are compared in: case-folded, runs of whitespace as one space, no surrounding spaces and no
+    trailing `. 。 ! ? ,` (`" New  York. "` -> `"new york"`, `"5."` -> `"5"`)."""
+    return " ".join(str(text).split()).rstrip(_TRAILING).strip().casefold()
+
+
+def option_letter(answer) -> str | None:
+    """The upper-case option letter of a gold answer that is one (`"B"`, `"(B)"`, `"B."`, `"b"`), else `None`."""
+    match = _OPTION.fullmatch(str(answer).strip())
+    return match.group(1).upper() if match else None
+
+
+def predicted_option_letter(prediction) -> str | None:
+    """The option letter a prediction picks: the whole prediction as in [`option_letter`], or an upper-case letter
+    that starts it, alone or before `.`, `)`, `:`, `,` or a space (`"(B) cat"`, `"C, because"`, `"A dog"`)."""
+    text = str(prediction).strip()
+    whole = option_letter(text)
+    if whole is not None:
+        return whole
+    match = _LEADING_OPTION.match(text)
+    return match.group(1) if match else None
 
 
 def answers_match(prediction: str, answer: str) -> bool:
-    """Exact match after case folding and whitespace normalisation."""
-    normalise = lambda s: " ".join(str(s).split()).casefold()  # noqa: E731
-    return normalise(prediction) == normalise(answer)
+    """Whether a parsed prediction is the gold `answer`.
+
+    When the gold answer is an option letter (`"B"`, `"(B)"`, `"B."`, see [`option_letter`]), the prediction matches
+    if it picks that letter ([`predicted_option_letter`]: `"(B) cat"`, `"B."`, `"b"`). Otherwise both are compared
+    whole after [`normalize_answer`] (case, whitespace and trailing punctuation only): `"A dog"` must equal the gold
+    `"A dog"`. Numbers are compared as text; records' JSON numbers are written as a model writes them (`3.0` ->
+    `"3"`, `vedas_hf.data.answer_text`).
+    """
+    gold_letter = option_letter(answer)
+    if gold_letter is not None:
+        return predicted_option_letter(prediction) == gold_letter
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def _evaluation_records(records, tokenizer) -> list[dict]:
+    """Normalised evaluation records (reasoning steps optional); `ValueError` for an empty set, and naming the
+    record for a question holding a special token string."""
+    records = [normalize_record(record, i, require_steps=False) for i, record in enumerate(records)]
+    if not records:
+        raise ValueError("No records to evaluate: pass at least one record (image, question, answer).")
+    for index, record in enumerate(records):
+        try:
+            check_record_text(record, tokenizer, fields=("question",))
+        except ValueError as error:
+            raise ValueError(f"Record {index}: {error}") from None
+    return records
 
 
 def _batches(items, size):
@@ -56,15 +101,16 @@ def evaluate(
     """Accuracy, mean AR steps and mean seconds per sample of greedy generation on `records`.
 
     Args:
-        records: canonical CoT records (dicts with `image`/`images`, `question`, `answer`).
+        records: canonical records (dicts with `image`/`images`, `question`, `answer`; `steps` / `rationale` are
+            not needed), at least one.
         num_latent_steps: latent steps before decoding (0 for the CoT and No-CoT baselines).
     Returns:
         `{"accuracy", "ar_steps", "seconds_per_sample", "num_samples", "predictions"}`; `predictions` holds, per
-        sample, the generated text, the parsed answer and whether it matched.
+        sample, the generated text, the parsed answer and whether it matched ([`answers_match`]).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    records = [normalize_record(record, i) for i, record in enumerate(records)]
+    records = _evaluation_records(records, processor.tokenizer)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     eos_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -89,9 +135,9 @@ def evaluate(
             ar_steps.append(num_latent_steps + length)
     count = len(predictions)
     return {
-        "accuracy": sum(p["correct"] for p in predictions) / max(count, 1),
-        "ar_steps": sum(ar_steps) / max(count, 1),
-        "seconds_per_sample": elapsed / max(count, 1),
+        "accuracy": sum(p["correct"] for p in predictions) / count,
+        "ar_steps": sum(ar_steps) / count,
+        "seconds_per_sample": elapsed / count,
         "num_samples": count,
         "predictions": predictions,
     }
@@ -125,7 +171,7 @@ def window_images(model, processor, records, out_dir, num_latent_steps: int, max
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    records = [normalize_record(record, i) for i, record in enumerate(records)]
+    records = [normalize_record(record, i, require_steps=False) for i, record in enumerate(records)]
     paths = []
     for index, record in enumerate(records):
         if not record["images"]:
@@ -154,4 +200,14 @@ def markdown_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["answers_match", "draw_replay_windows", "evaluate", "extract_answer", "markdown_table", "window_images"]
+__all__ = [
+    "answers_match",
+    "draw_replay_windows",
+    "evaluate",
+    "extract_answer",
+    "markdown_table",
+    "normalize_answer",
+    "option_letter",
+    "predicted_option_letter",
+    "window_images",
+]

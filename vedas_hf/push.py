@@ -65,6 +65,11 @@ def check_folder(folder) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; pass the output of vedas_hf.convert or trainer.save_model.")
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{folder} holds a PEFT adapter; merge it first (model.merge_and_unload().save_pretrained(...)), or push "
+            "the adapter folder with PeftModel.push_to_hub."
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} has no config.json; adapters must be merged (merge_and_unload) before pushing.")

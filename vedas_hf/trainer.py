@@ -8,6 +8,7 @@ The loss is computed by the model's own latent multi-pass forward (TRL's fused L
 passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` are logged through `_metrics`.
 """
 
+import copy
 import math
 import os
 import shutil
@@ -18,21 +19,32 @@ from dataclasses import dataclass, field
 import safetensors.torch
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer import TRAINING_ARGS_NAME, _is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, normalize_record
+from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, check_record_text, normalize_record
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
 class VedasSFTConfig(SFTConfig):
     r"""
-    [`~trl.SFTConfig`] plus the Vedas curriculum. Paper defaults: 4 epochs per stage, up to 4 latent steps.
+    [`~trl.SFTConfig`] plus the Vedas curriculum: up to 4 latent steps (T_r, paper section 4.1), 4 epochs per stage
+    (the paper trains 16 epochs in all and gives no per-stage count), and by default as many epochs as the
+    curriculum has.
 
     Parameters:
+        num_train_epochs (`float` or `None`, *optional*, defaults to `None`):
+            `None`: the whole curriculum, `(max_latent_stage + 1) * epochs_per_stage` epochs (20 with the defaults)
+            when the stage advances, else 3 (the transformers default). A shorter schedule (fewer epochs, or
+            `max_steps`) ends at an earlier stage: training logs a warning, the model's `num_latent_steps` follows
+            the stage actually trained, and evaluation renders that stage.
         gradient_checkpointing (`bool`, *optional*, defaults to `True`):
             TRL's default. Works with the latent passes (a layer's backward replay reads the shared KV cache as it
             was and writes nothing); needs non-reentrant checkpointing, the transformers default.
@@ -70,6 +82,10 @@ class VedasSFTConfig(SFTConfig):
     curriculum renders and collates its own examples, and a persistent worker would keep rendering the first stage.
     """
 
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs in all (None: the whole curriculum, (max_latent_stage + 1) x epochs_per_stage)."},
+    )
     epochs_per_stage: int = field(default=4, metadata={"help": "Epochs per curriculum stage."})
     max_latent_stage: int = field(default=4, metadata={"help": "Last curriculum stage (max latents)."})
     curriculum: bool = field(default=True, metadata={"help": "Advance stages; False trains at the last stage."})
@@ -94,6 +110,8 @@ class VedasSFTConfig(SFTConfig):
         # its columns.
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if self.num_train_epochs is None:
+            self.num_train_epochs = self.curriculum_epochs if self.curriculum_advances else 3.0
         super().__post_init__()
         if self.cot_baseline and self.no_cot_baseline:
             raise ValueError("cot_baseline and no_cot_baseline are exclusive; set at most one of them.")
@@ -126,14 +144,19 @@ class VedasSFTConfig(SFTConfig):
             )
 
     @property
+    def curriculum_epochs(self) -> int:
+        """Epochs until the last stage has been trained for `epochs_per_stage` epochs."""
+        return (self.max_latent_stage + 1) * self.epochs_per_stage
+
+    @property
     def curriculum_advances(self) -> bool:
         """Whether the stage can change during training (latent mode, curriculum on, `max_latent_stage > 0`)."""
         return self.data_mode == "latent" and self.curriculum and self.max_latent_stage > 0
 
     @property
     def inference_latent_steps(self) -> int:
-        """Latent steps the trained model runs at inference: `max_latent_stage`, 0 for the baselines (which decode
-        without latents)."""
+        """Latent steps the fully trained model runs at inference: `max_latent_stage`, 0 for the baselines (which
+        decode without latents). A schedule that ends earlier teaches `stage_for_epoch` of its last epoch."""
         return self.max_latent_stage if self.data_mode == "latent" else 0
 
     @property
@@ -158,6 +181,11 @@ class StageRenderer:
 
     def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
         self.records = [normalize_record(record, i, max_steps=args.max_reasoning_steps) for i, record in enumerate(records)]
+        for index, record in enumerate(self.records):
+            try:
+                check_record_text(record, processor.tokenizer)
+            except ValueError as error:
+                raise ValueError(f"Record {index}: {error}") from None
         self.processor = processor
         self.args = args
         self.stage = stage
@@ -184,11 +212,18 @@ class StageRenderer:
         return {key: [e.get(key) for e in examples] for key in keys}
 
 
-def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0):
+def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0, name: str = "train_dataset"):
     """A `datasets.Dataset` of record indices whose rows are rendered on the fly by a [`StageRenderer`]; returns
-    `(dataset, renderer)`."""
+    `(dataset, renderer)`. `name` (the trainer argument) goes into the errors."""
     from datasets import Dataset
 
+    if isinstance(records, dict):
+        raise ValueError(
+            f"{name} is a dict of splits ({', '.join(map(str, records))}); pass one split's records, e.g. "
+            f"dataset['train']."
+        )
+    if len(records) == 0:
+        raise ValueError(f"{name} has no records; check the dataset path, split or sample count.")
     renderer = StageRenderer(records, processor, args, stage)
     dataset = Dataset.from_dict({"record_index": list(range(len(renderer.records)))})
     dataset.set_transform(renderer)
@@ -196,18 +231,36 @@ def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0)
 
 
 class CurriculumCallback(TrainerCallback):
-    """Sets the stage of the training renderer at the start of every epoch (also after a resume)."""
+    """Sets the stage of the training renderers at the start of every epoch (also after a resume), and calls
+    `on_stage(stage)` then; at the start of training, computes the last stage the schedule reaches and calls
+    `on_final_stage(stage)` (with a warning when that is before `max_latent_stage`)."""
 
-    def __init__(self, renderers, args: VedasSFTConfig):
+    def __init__(self, renderers, args: VedasSFTConfig, on_stage=None, on_final_stage=None):
         self.renderers = renderers
         self.args = args
+        self.on_stage, self.on_final_stage = on_stage, on_final_stage
         self.stage = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        epochs = state.num_train_epochs  # whole epochs, the last one possibly partial (max_steps)
+        final = self.args.stage_for_epoch(max(epochs, 1) - 1)
+        if final < self.args.inference_latent_steps:
+            logger.warning(
+                f"The training schedule ({epochs} epochs) ends at curriculum stage {final}, before "
+                f"max_latent_stage={self.args.max_latent_stage} (epochs_per_stage={self.args.epochs_per_stage}): the "
+                f"model will run {final} latent steps. Train for {self.args.curriculum_epochs} epochs (the default "
+                "num_train_epochs=None does), or lower max_latent_stage / epochs_per_stage."
+            )
+        if self.on_final_stage is not None:
+            self.on_final_stage(final)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         epoch = math.floor(state.epoch + 1e-4) if state.epoch else 0
         self.stage = self.args.stage_for_epoch(epoch)
         for renderer in self.renderers:
             renderer.stage = self.stage
+        if self.on_stage is not None:
+            self.on_stage(self.stage)
         return control
 
 
@@ -248,7 +301,8 @@ class VedasSFTTrainer(SFTTrainer):
     the fly at the current stage; `processing_class` is the Qwen2-VL processor. The eval dataset (or a dict of
     them, evaluated and logged by name) is rendered at the final stage (what the trained model will run). The
     model config's `num_latent_steps` is set to what training teaches (`max_latent_stage`, 0 for the baselines), so
-    saved checkpoints `generate` the way they were trained.
+    saved checkpoints `generate` the way they were trained; during training it follows the current stage, so a
+    checkpoint (or a schedule that ends before the last stage) runs the stage it was trained at.
     """
 
     def __init__(self, model, args: VedasSFTConfig, train_dataset=None, eval_dataset=None, processing_class=None,
@@ -262,12 +316,15 @@ class VedasSFTTrainer(SFTTrainer):
             train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args, args.stage_for_epoch(0))
             renderers.append(renderer)
         self.eval_stage = args.stage_for_epoch(10**9)
+        self._eval_renderers = []
         if isinstance(eval_dataset, dict):  # {name: records}, as `Trainer` accepts (a DatasetDict included)
-            eval_dataset = {name: curriculum_dataset(records, processing_class, args, stage=self.eval_stage)[0]
+            eval_dataset = {name: self._eval_dataset(records, processing_class, args, f"eval_dataset[{name!r}]")
                             for name, records in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset, _ = curriculum_dataset(eval_dataset, processing_class, args, stage=self.eval_stage)
-        self.curriculum_callback = CurriculumCallback(renderers, args)
+            eval_dataset = self._eval_dataset(eval_dataset, processing_class, args, "eval_dataset")
+        self.curriculum_callback = CurriculumCallback(
+            renderers, args, on_stage=self._on_stage, on_final_stage=self._on_final_stage
+        )
         self.sigterm_callback = SaveOnSigtermCallback() if args.save_on_sigterm else None
         extra_callbacks = [self.sigterm_callback] if self.sigterm_callback else []
         self._staging_dir = None
@@ -291,6 +348,22 @@ class VedasSFTTrainer(SFTTrainer):
             config.check_recon_crop_size(args.recon_crop_size)  # against the vision tower, before anything changes
             config.recon_crop_size = args.recon_crop_size
         self._set_inference_latent_steps(args.inference_latent_steps)
+
+    def _eval_dataset(self, records, processor, args, name):
+        dataset, renderer = curriculum_dataset(records, processor, args, stage=self.eval_stage, name=name)
+        self._eval_renderers.append(renderer)
+        return dataset
+
+    def _on_stage(self, stage: int) -> None:
+        """A new epoch's stage: the model now learns to run `stage` latent steps (saved checkpoints say so)."""
+        if self.args.data_mode == "latent":
+            self._set_inference_latent_steps(stage)
+
+    def _on_final_stage(self, stage: int) -> None:
+        """The last stage the schedule reaches is what evaluation renders (what the trained model will run)."""
+        self.eval_stage = stage
+        for renderer in self._eval_renderers:
+            renderer.stage = stage
 
     def _set_inference_latent_steps(self, steps: int) -> None:
         """`num_latent_steps` of the model config (and of its generation config where set there, since `generate`
@@ -357,9 +430,18 @@ class VedasSFTTrainer(SFTTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         """Stock save, but the training arguments go to `training_args.json` instead of a pickled
-        `training_args.bin`, so model folders hold no pickle (and `vedas_hf.push` accepts them)."""
+        `training_args.bin`, so model folders hold no pickle (and `vedas_hf.push` accepts them); adapter folders also
+        get a `generation_config.json` with the `num_latent_steps` they were trained for."""
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and _is_peft_model(self.model):
+            # the latent-step count the adapter was trained for, in a generation config next to it (read back by the
+            # model's `load_adapter`, i.e. `from_pretrained(adapter_folder)`; a config.json would make transformers
+            # take the folder for a full model)
+            generation_config = copy.deepcopy(self._vedas_model().generation_config)
+            generation_config.num_latent_steps = self._vedas_config().num_latent_steps
+            generation_config._from_model_config = False  # else `GenerationConfig.from_pretrained` drops the field
+            generation_config.save_pretrained(output_dir)
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if self.args.should_save and os.path.isfile(pickled):
             os.remove(pickled)
@@ -452,8 +534,9 @@ def saved_key_map(model) -> dict[str, str]:
 
 
 def vedas_lora_config(r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0.05, **kwargs):
-    """LoRA on the language model's linear layers only (paper: r=64, alpha=16, dropout 0.05); routers and TokenSR
-    are trained fully and saved with the adapter (`modules_to_save`)."""
+    """LoRA on the language model's linear layers only (defaults r=64, alpha=16, dropout 0.05 are our choice; the
+    paper gives no LoRA settings); routers and TokenSR are trained fully and saved with the adapter
+    (`modules_to_save`)."""
     from peft import LoraConfig
 
     return LoraConfig(

@@ -309,22 +309,39 @@ def record_special_tokens(tokenizer) -> list[str]:
     return sorted(token for token in tokens if token.strip())
 
 
-def check_record_text(record: dict, tokenizer, fields=("question", "steps", "answer")) -> None:
-    """`ValueError` naming the field and the token when a text field of a normalised record contains a special or
-    added token string: the tokenizer would read it as that token (a latent, an end of turn, an image placeholder)
-    instead of text."""
-    tokens = record_special_tokens(tokenizer)
+def _special_token_error(record: dict, tokens: list[str], fields) -> str | None:
+    """The message for the first text field of `record` holding one of `tokens`, or `None`."""
     for name in fields:
         values = record.get(name)
         texts = [(f"{name}[{i}]", v) for i, v in enumerate(values)] if isinstance(values, list) else [(name, values)]
         for label, text in texts:
             found = next((token for token in tokens if isinstance(text, str) and token in text), None)
             if found is not None:
-                raise ValueError(
+                return (
                     f"field {label!r} contains the special token string {found!r}, which the tokenizer would read as "
                     f"that token instead of text; remove it or write it differently in the data (e.g. "
                     f"{found[0] + ' ' + found[1:]!r})."
                 )
+    return None
+
+
+def check_record_text(record: dict, tokenizer, fields=("question", "steps", "answer")) -> None:
+    """`ValueError` naming the field and the token when a text field of a normalised record contains a special or
+    added token string: the tokenizer would read it as that token (a latent, an end of turn, an image placeholder)
+    instead of text."""
+    error = _special_token_error(record, record_special_tokens(tokenizer), fields)
+    if error is not None:
+        raise ValueError(error)
+
+
+def check_records_text(records, tokenizer, fields=("question", "steps", "answer")) -> None:
+    """[`check_record_text`] for every normalised record (the token list built once), the error prefixed with
+    `"Record {index}: "`."""
+    tokens = record_special_tokens(tokenizer)
+    for index, record in enumerate(records):
+        error = _special_token_error(record, tokens, fields)
+        if error is not None:
+            raise ValueError(f"Record {index}: {error}")
 
 
 def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
@@ -471,6 +488,7 @@ __all__ = [
     "answer_text",
     "build_stage_example",
     "check_record_text",
+    "check_records_text",
     "dataset_adapter",
     "from_m3cot",
     "from_scienceqa",

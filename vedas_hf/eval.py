@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import check_record_text, normalize_record, prompt_messages
+from .data import check_records_text, normalize_record, prompt_messages
 
 
 _TRAILING = ".。!?, "
@@ -73,11 +73,7 @@ def _evaluation_records(records, tokenizer) -> list[dict]:
     records = [normalize_record(record, i, require_steps=False) for i, record in enumerate(records)]
     if not records:
         raise ValueError("No records to evaluate: pass at least one record (image, question, answer).")
-    for index, record in enumerate(records):
-        try:
-            check_record_text(record, tokenizer, fields=("question",))
-        except ValueError as error:
-            raise ValueError(f"Record {index}: {error}") from None
+    check_records_text(records, tokenizer, fields=("question",))
     return records
 
 

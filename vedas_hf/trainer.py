@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, check_record_text, normalize_record
+from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, check_records_text, normalize_record
 
 
 logger = logging.get_logger(__name__)
@@ -181,11 +181,7 @@ class StageRenderer:
 
     def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
         self.records = [normalize_record(record, i, max_steps=args.max_reasoning_steps) for i, record in enumerate(records)]
-        for index, record in enumerate(self.records):
-            try:
-                check_record_text(record, processor.tokenizer)
-            except ValueError as error:
-                raise ValueError(f"Record {index}: {error}") from None
+        check_records_text(self.records, processor.tokenizer)
         self.processor = processor
         self.args = args
         self.stage = stage

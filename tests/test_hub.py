@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
 import vedas_hf.convert
 import vedas_hf.push
@@ -313,6 +313,15 @@ def test_push_requires_auto_config_root_weights_and_processor_files(vedas_dir, t
                         extra={"model.safetensors.index.json": json.dumps(index)})
     os.symlink(os.path.join(vedas_dir, "model.safetensors"), sharded / "model-00001-of-00001.safetensors")
     assert {"model.safetensors.index.json", "model-00001-of-00001.safetensors"} <= set(check_folder(sharded))
+    index["weight_map"]["model.norm.weight"] = "model-00002-of-00003.safetensors"  # a shard the save never wrote
+    index["weight_map"]["model.embed_tokens.weight"] = "model-00003-of-00003.safetensors"
+    shard_lost = link_copy(sharded, tmp_path / "shard_lost", extra={"model.safetensors.index.json": json.dumps(index)})
+    with pytest.raises(ValueError, match=re.escape("lists weight shards that are not in the folder: "
+                                                   "['model-00002-of-00003.safetensors', "
+                                                   "'model-00003-of-00003.safetensors']")):
+        check_folder(shard_lost)
+    with pytest.raises(ValueError, match="is not a safetensors index"):
+        check_folder(link_copy(sharded, tmp_path / "bad_index", extra={"model.safetensors.index.json": "{}"}))
     for skip, missing in [
         ({"tokenizer_config.json"}, ["tokenizer_config.json"]),
         ({"processor_config.json"}, ["processor_config.json or preprocessor_config.json"]),
@@ -321,6 +330,27 @@ def test_push_requires_auto_config_root_weights_and_processor_files(vedas_dir, t
     ]:
         with pytest.raises(ValueError, match=re.escape(f"lacks the processor files {missing} that AutoProcessor loads")):
             check_folder(link_copy(vedas_dir, tmp_path / f"no_{len(skip)}_{sorted(skip)[0]}", skip=skip))
+
+
+def test_convert_needs_the_checkpoint_tokenizer_and_takes_any_vocabulary_token_as_init(stock_dir, tmp_path):
+    """Without tokenizer files transformers builds a near-empty tokenizer, and the latent tokens would land on
+    ordinary vocabulary rows: a clear error before anything loads. `init_token` may be any token of the vocabulary,
+    the unknown token included (the tiny tokenizer's `<|endoftext|>` is also its unk token)."""
+    for skip, missing in [({"tokenizer.json", "vocab.json"}, ["tokenizer.json or vocab.json"]),
+                          ({"tokenizer_config.json"}, ["tokenizer_config.json"])]:
+        source = link_copy(stock_dir, tmp_path / f"no_{sorted(skip)[0]}", skip=skip)
+        with pytest.raises(ValueError, match=re.escape(f"lacks the tokenizer files {missing}")):
+            convert_checkpoint(source, tmp_path / f"out_{sorted(skip)[0]}")
+    tokenizer = AutoTokenizer.from_pretrained(stock_dir)
+    init = tokenizer.unk_token or "<|endoftext|>"
+    dst = convert_checkpoint(stock_dir, tmp_path / "unk_init", init_token=init)
+    model = AutoModelForImageTextToText.from_pretrained(dst)
+    rows = model.get_input_embeddings().weight
+    source_row = rows[tokenizer.get_vocab()[init]]
+    for field in ("latent_token_id", "start_latent_token_id", "end_latent_token_id"):
+        assert torch.equal(rows[getattr(model.config, field)], source_row), field
+    with pytest.raises(ValueError, match=re.escape("init_token='<|no such token|>' is not in the tokenizer")):
+        convert_checkpoint(stock_dir, tmp_path / "bad_init", init_token="<|no such token|>")
 
 
 def test_push_never_uploads_hidden_files_or_run_leftovers(vedas_dir, tmp_path, monkeypatch, capsys):

@@ -45,6 +45,8 @@ BACKBONES = {
     "qwen2_5_vl": (VedasQwen2_5_VLConfig, VedasQwen2_5_VLForConditionalGeneration, "Qwen2.5-VL"),
 }
 SUPPORTED_BACKBONES = tuple(BACKBONES)
+# the tokenizer files a checkpoint folder needs, as alternatives per entry: its config and its vocabulary
+TOKENIZER_FILES = (("tokenizer_config.json",), ("tokenizer.json", "vocab.json"))
 # the Vedas config fields `--set` / `convert_checkpoint(**overrides)` may set; the latent-token ids come from the tokenizer
 SETTABLE_FIELDS = tuple(
     field.name for field in dataclasses.fields(VedasConfigMixin) if field.name not in LATENT_TOKENS
@@ -78,6 +80,12 @@ def _check_paths(src: Path, dst: Path, overwrite: bool):
         raise ValueError(f"{src} has no config.json; pass a stock Qwen2-VL checkpoint folder.")
     if not any(src.glob("*.safetensors")):
         raise ValueError(f"{src} has no *.safetensors weights; only safetensors checkpoints are converted.")
+    missing = [" or ".join(names) for names in TOKENIZER_FILES if not any((src / name).is_file() for name in names)]
+    if missing:
+        raise ValueError(
+            f"{src} lacks the tokenizer files {missing}; conversion adds the latent tokens to the checkpoint's own "
+            "tokenizer: save it into the folder first (processor.save_pretrained)."
+        )
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"Target {dst} is an existing file, not a folder; pass a folder path (new or empty).")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
@@ -246,8 +254,8 @@ def convert_checkpoint(
     new_ids = [token_ids[f] for f, t in LATENT_TOKENS.items() if t not in existing]
     if new_ids:
         init_token = init_token or tokenizer.eos_token
-        source_id = tokenizer.convert_tokens_to_ids(init_token)
-        if source_id is None or source_id == tokenizer.unk_token_id:
+        source_id = tokenizer.get_vocab().get(init_token)
+        if source_id is None:
             raise ValueError(f"init_token={init_token!r} is not in the tokenizer.")
         _init_latent_rows(model, new_ids, source_id)
     card = model_card(_base_model_name(src, base_model), config, backbone_name)

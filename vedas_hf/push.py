@@ -17,6 +17,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from .convert import TOKENIZER_FILES
+
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,7 @@ VEDAS_MODEL_TYPES = ("vedas_qwen2_vl", "vedas_qwen2_5_vl")
 AUTO_MAP_CLASSES = ("AutoConfig", "AutoModelForImageTextToText")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # what AutoProcessor needs, as alternatives per entry: tokenizer config, tokenizer vocabulary, image processor config
-PROCESSOR_FILES = (("tokenizer_config.json",), ("tokenizer.json", "vocab.json"),
-                   ("processor_config.json", "preprocessor_config.json"))
+PROCESSOR_FILES = TOKENIZER_FILES + (("processor_config.json", "preprocessor_config.json"),)
 # upload_folder patterns (fnmatch, `*` crosses `/`) for what `_is_leftover` skips: a second guard on the Hub side
 IGNORE_PATTERNS = [".*", "*/.*", "checkpoint-*", "runs/*", "wandb/*", "*.lock"]
 
@@ -94,6 +95,12 @@ def check_folder(folder) -> list[str]:
             f"{folder} has no root-level safetensors weights ({' or '.join(WEIGHT_FILES)}); save the model with "
             "save_pretrained into this folder."
         )
+    missing = _missing_shards(folder, files)
+    if missing:
+        raise ValueError(
+            f"{folder / WEIGHT_FILES[1]} lists weight shards that are not in the folder: {missing} (an interrupted "
+            "save?); re-save the model with save_pretrained into this folder."
+        )
     missing = [" or ".join(names) for names in PROCESSOR_FILES if not any(name in files for name in names)]
     if missing:
         raise ValueError(
@@ -101,6 +108,17 @@ def check_folder(folder) -> list[str]:
             "the processor with processor.save_pretrained into this folder."
         )
     return files
+
+
+def _missing_shards(folder: Path, files: list) -> list:
+    """Shards named by the safetensors index (`weight_map`) that are not among `files`, sorted."""
+    if WEIGHT_FILES[1] not in files:
+        return []
+    try:
+        weight_map = json.loads((folder / WEIGHT_FILES[1]).read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder / WEIGHT_FILES[1]} is not a safetensors index ({error}); re-save the model.") from None
+    return sorted(set(weight_map.values()) - set(files))
 
 
 def push_to_hub(folder, repo_id: str, private: bool = False, revision: str | None = None,

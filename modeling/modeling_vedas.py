@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.conversion_mapping import (
@@ -595,7 +595,12 @@ class VedasForConditionalGenerationMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Stock `save_pretrained`; when the class is registered for auto classes, `auto_map` also maps `AutoModel`
-        to the backbone class (the file holding both classes is copied once)."""
+        to the backbone class (the file holding both classes is copied once). A `num_latent_steps` set on the
+        model's generation config is kept: transformers drops unknown fields when it reloads a generation config
+        marked as derived from the model config, so that mark is cleared once the config holds its own step count."""
+        generation_config = getattr(self, "generation_config", None)
+        if getattr(generation_config, "num_latent_steps", None) is not None:
+            generation_config._from_model_config = False
         if getattr(self, "_auto_class", None) is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -881,6 +886,7 @@ class VedasForConditionalGenerationMixin:
         video_grid_thw=None,
         mm_token_type_ids=None,
         logits_to_keep=0,
+        mm_encoder_outputs=None,
         **kwargs,
     ):
         r"""Stock forward for sequences without `<|latent|>`; the latent multi-pass forward otherwise.
@@ -891,6 +897,8 @@ class VedasForConditionalGenerationMixin:
                 pad the end of the block, attention 0), as built by `vedas_hf.data.VedasDataCollator`.
             attention_mask: `(batch, seq)`.
             pixel_values, image_grid_thw, mm_token_type_ids: processor outputs for the prompt's images.
+            mm_encoder_outputs: image features `generate` encoded before the prefill (transformers >= 5.24 passes
+                them instead of `pixel_values`, and expands them per beam / returned sequence); stock forward only.
             labels: `(batch, seq)` with -100 on ignored positions.
             num_items_in_batch (keyword): if given, the cross-entropy is the token sum divided by it (the Trainer's
                 count over all gradient-accumulation micro-batches) instead of the mean over this batch.
@@ -911,6 +919,10 @@ class VedasForConditionalGenerationMixin:
         if not continuing and (has_latents or pixel_values is not None):  # a prefill or a latent sequence
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
+        if mm_encoder_outputs is not None:
+            if has_latents:
+                raise ValueError("The latent forward does not support `mm_encoder_outputs`; pass `pixel_values`.")
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs  # only passed when set: older backbones lack it
         if not has_latents:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -991,13 +1003,13 @@ class VedasForConditionalGenerationMixin:
             )
         steps = self._num_latent_steps(num_latent_steps, generation_config)
         if input_ids is not None:
-            check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
-            self._check_prompt_has_no_latents(input_ids)
+            self._check_prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, kwargs)
         stock_inputs = dict(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
         )
-        if steps == 0:
+        if steps == 0:  # only what was given: transformers encodes `pixel_values` when the key is present
+            stock_inputs = {name: value for name, value in stock_inputs.items() if value is not None}
             out = super().generate(generation_config=generation_config, **stock_inputs, **kwargs)
             if not isinstance(out, torch.Tensor):
                 out["latent_trace"] = []
@@ -1021,13 +1033,14 @@ class VedasForConditionalGenerationMixin:
         expand = self._generation_expand_size(generation_config, kwargs)
         if expand > 1:
             phase.cache.batch_repeat_interleave(expand)
-        generation_config, kwargs = self._decoding_config(
-            generation_config, kwargs, hidden_columns=extended_ids.shape[1] - input_ids.shape[1]
-        )
+        hidden_columns = extended_ids.shape[1] - input_ids.shape[1]
+        generation_config, kwargs = self._decoding_config(generation_config, kwargs, hidden_columns)
+        kwargs = _callbacks_in_stock_layout(kwargs, input_ids.shape[1], hidden_columns)
         out = super().generate(
             input_ids=extended_ids, attention_mask=extended_mask, generation_config=generation_config,
             **{CACHE_KWARG: phase.cache}, **kwargs,
         )
+        phase.cache.vedas_hidden_columns = hidden_columns  # the returned cache cannot continue `sequences`
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         rows_per_prompt = sequences.shape[0] // batch  # beams are expanded, returned sequences may be fewer
         sequences = torch.cat(
@@ -1067,9 +1080,26 @@ class VedasForConditionalGenerationMixin:
             raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
         return steps
 
-    def _check_prompt_has_no_latents(self, input_ids):
-        """Latent tokens in a `generate` prompt would run the latent training forward as the prefill (any
-        `num_latent_steps`, 0 included): an error."""
+    def _check_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, kwargs):
+        """Processor outputs of a `generate` prompt (`check_model_inputs`), without latent tokens (they would run the
+        latent training forward as the prefill, any `num_latent_steps`). A prompt that continues a filled cache (a
+        stock multi-turn call) is checked from the first column the cache does not hold: its images are in the
+        cache, only new ones come with `pixel_values`. A cache returned by a latent `generate` is refused."""
+        _, cache = _cache_argument(kwargs)
+        past = 0 if cache is None else int(cache.get_seq_length())
+        if getattr(cache, "vedas_hidden_columns", 0):
+            raise ValueError(
+                f"This cache comes from a latent generate: besides the {input_ids.shape[1]}-token prompt and answer it "
+                f"holds {cache.vedas_hidden_columns} latent-step columns that the returned ids leave out, so it cannot "
+                "continue them. Call generate on the whole conversation without the cache."
+            )
+        if past and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            # a multi-turn prompt: the cache holds its first `past` columns, checked by the call that filled it
+            new = slice(min(past, input_ids.shape[1] - 1), None)
+            input_ids = input_ids[:, new]
+            attention_mask = None if attention_mask is None else attention_mask[:, new]
+            mm_token_type_ids = None if mm_token_type_ids is None else mm_token_type_ids[:, new]
+        check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         latent_id = self.config.latent_token_id
         if latent_id is not None and bool((input_ids == latent_id).any()):
             raise ValueError(
@@ -1208,6 +1238,53 @@ class VedasQwen2_5_VLForConditionalGeneration(VedasForConditionalGenerationMixin
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: latent block, visual layout, window search, (un)patchify
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _stock_layout(input_ids, start: int, count: int):
+    """`input_ids` `(..., len)` without the `count` columns from `start` (what latent `generate` inserted after the
+    prompt): the prompt then the answer, as stock `generate` lays them out."""
+    return torch.cat([input_ids[..., :start], input_ids[..., start + count :]], dim=-1)
+
+
+class _StockLayoutLogitsProcessor(LogitsProcessor):
+    """A caller's logits processor, handed the ids in the stock layout (see `_callbacks_in_stock_layout`)."""
+
+    def __init__(self, processor, start: int, count: int):
+        self.processor, self.start, self.count = processor, start, count
+
+    def __call__(self, input_ids, scores):  # two arguments: the generation loop passes no others
+        return self.processor(_stock_layout(input_ids, self.start, self.count), scores)
+
+
+class _StockLayoutStoppingCriteria(StoppingCriteria):
+    """A caller's stopping criterion, handed the ids in the stock layout (see `_callbacks_in_stock_layout`)."""
+
+    def __init__(self, criterion, start: int, count: int):
+        self.criterion, self.start, self.count = criterion, start, count
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.criterion(_stock_layout(input_ids, self.start, self.count), scores, **kwargs)
+
+
+def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:
+    """`logits_processor`, `stopping_criteria` and `prefix_allowed_tokens_fn` passed to a latent `generate` see the
+    ids as stock `generate` would (prompt, then answer): the decoding loop's ids also hold the `count` columns
+    inserted at `start` (start marker, replayed tokens, latents, end marker), which are cut out for them. (The
+    processors the generation config builds, e.g. `repetition_penalty`, see the loop's ids; `max_length` and
+    `min_length` are shifted instead, see `_decoding_config`.)"""
+    kwargs = dict(kwargs)
+    if kwargs.get("logits_processor"):
+        kwargs["logits_processor"] = LogitsProcessorList(
+            _StockLayoutLogitsProcessor(p, start, count) for p in kwargs["logits_processor"]
+        )
+    if kwargs.get("stopping_criteria"):
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            _StockLayoutStoppingCriteria(c, start, count) for c in kwargs["stopping_criteria"]
+        )
+    allowed = kwargs.get("prefix_allowed_tokens_fn")
+    if allowed is not None:
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: allowed(batch_id, _stock_layout(ids, start, count))
+    return kwargs
 
 
 def _check_latent_forward_arguments(latent_id, cache, use_cache, kwargs):

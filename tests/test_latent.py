@@ -8,7 +8,15 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForImageTextToText,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.cache_utils import DynamicCache
 
@@ -233,6 +241,40 @@ def test_streamer_and_stopping_criteria_follow_the_answer(vedas_dir, processor, 
     stopped = model.generate(**batch, num_latent_steps=2, max_new_tokens=6, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([StopOnToken(stop)]))
     assert torch.equal(stopped, out[:, : length + first + 1])
+
+
+class RecordingProcessor(LogitsProcessor):
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(input_ids.clone())
+        return scores
+
+
+def test_passed_processors_and_criteria_see_prompt_then_answer(vedas_dir, processor, images):
+    """A caller's logits processor, stopping criterion and `prefix_allowed_tokens_fn` see the ids of the stock
+    layout (prompt, then the answer so far), never the columns the latent steps inserted between them; so a
+    `MaxLengthCriteria` counts prompt + answer, as with stock `generate`."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "What colour is the shape?"], [[images[0]], [images[1]]])
+    length = batch["input_ids"].shape[1]
+    recorder, prefixes = RecordingProcessor(), []
+
+    def allowed(batch_id, ids):
+        prefixes.append(ids.clone())
+        return list(range(model.config.text_config.vocab_size))
+
+    out = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                         logits_processor=LogitsProcessorList([recorder]), prefix_allowed_tokens_fn=allowed)
+    assert [ids.shape[1] for ids in recorder.seen] == [length + i for i in range(4)]
+    for i, ids in enumerate(recorder.seen):
+        assert torch.equal(ids, out[:, : length + i])
+    assert len(prefixes) == 2 * 4 and all(torch.equal(ids, out[i % 2, : length + i // 2])
+                                          for i, ids in enumerate(prefixes))
+    stopped = model.generate(**batch, num_latent_steps=2, max_new_tokens=10, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=length + 3)]))
+    assert torch.equal(stopped, out[:, : length + 3])
 
 
 @pytest.mark.parametrize("mode, inserted_per_step", [("patches", 3 + 1), ("soft_mix", 1 + 1), ("none", 1)])

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from conftest import make_batch
 from vedas_hf.convert import convert_checkpoint
 from vedas_hf.modeling.configuration_vedas import cosine_alpha, resolve_router_layers
-from vedas_hf.modeling.modeling_vedas import VedasPass, VedasRouterCache, select_top_alpha
+from vedas_hf.modeling.modeling_vedas import CACHE_KWARG, VedasPass, VedasRouterCache, select_top_alpha
 
 
 def randomize_gates(model, scale=0.5, seed=1):
@@ -60,6 +60,51 @@ def test_converted_checkpoint_matches_stock_logits_and_greedy_tokens(stock_dir, 
     vedas_tokens = model.generate(**batch, max_new_tokens=6, do_sample=False, num_latent_steps=0)
     assert torch.equal(stock_tokens, vedas_tokens)
 
+
+def test_plain_decoding_expands_images_like_the_stock_model(stock_dir, converted, processor, images, stock_class,
+                                                            vedas_class):
+    """`num_latent_steps=0` with several rows per prompt (beams, returned sequences) or a chunked prefill: the images
+    must be expanded with their rows as the stock model does (transformers >= 5.24 encodes them before the prefill
+    only for a forward that takes `mm_encoder_outputs`; otherwise it copies `pixel_values` row by row)."""
+    stock = stock_class.from_pretrained(stock_dir).eval()
+    model = vedas_class.from_pretrained(converted).eval()
+    batch = make_batch(processor, ["What digit is this?", "Colour of the shape?"], [[images[0]], [images[1]]])
+    settings = [
+        dict(num_beams=2, num_return_sequences=2, return_dict_in_generate=True, output_scores=True),
+        dict(do_sample=True, top_k=1, num_return_sequences=3),
+    ]
+    if hasattr(stock, "_supports_mm_encoder_outputs"):  # images encoded before the prefill: chunking works in stock
+        settings.append(dict(prefill_chunk_size=8))
+    for setting in settings:
+        expected = stock.generate(**batch, max_new_tokens=6, **setting)
+        got = model.generate(**batch, max_new_tokens=6, num_latent_steps=0, **setting)
+        if isinstance(expected, torch.Tensor):
+            assert torch.equal(expected, got), setting
+        else:
+            assert torch.equal(expected.sequences, got.sequences), setting
+            torch.testing.assert_close(expected.sequences_scores, got.sequences_scores)
+    greedy = stock.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3,
+                                      num_latent_steps=0), greedy.repeat_interleave(3, dim=0))
+
+
+def test_plain_decoding_continues_a_cache_holding_the_images(stock_dir, converted, processor, images, stock_class,
+                                                             vedas_class):
+    """Multi-turn at `num_latent_steps=0`: the first turn's cache already holds the image, so the follow-up passes
+    the whole conversation's ids and the cache without `pixel_values`, as with the stock model."""
+    stock = stock_class.from_pretrained(stock_dir).eval()
+    model = vedas_class.from_pretrained(converted).eval()
+    batch = make_batch(processor, ["What digit is this?"], [[images[0]]])
+    outputs = {}
+    for name, net, extra in (("stock", stock, {}), ("vedas", model, {"num_latent_steps": 0})):
+        first = net.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **extra)
+        cache = first.get("cache", first.get("past_key_values"))  # the output field's name follows the argument's
+        follow_up = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], dim=1)
+        outputs[name] = net.generate(
+            input_ids=follow_up, attention_mask=torch.ones_like(follow_up), max_new_tokens=4, do_sample=False,
+            **{CACHE_KWARG: cache}, **extra,
+        )
+    assert torch.equal(outputs["stock"], outputs["vedas"])
 
 def test_conversion_loads_every_stock_weight_and_initialises_new_modules(stock_dir, converted, stock_class, vedas_class):
     stock = stock_class.from_pretrained(stock_dir)
@@ -132,6 +177,21 @@ def test_save_pretrained_writes_auto_map_and_code(vedas_dir, vedas_class, config
     assert os.path.isfile(os.path.join(vedas_dir, "modeling_vedas.py"))
     assert os.path.isfile(os.path.join(vedas_dir, "configuration_vedas.py"))
     assert not [f for f in os.listdir(vedas_dir) if f.endswith((".bin", ".pt", ".pkl"))]
+
+
+def test_generation_config_step_count_survives_save_and_reload(vedas_dir, vedas_class, processor, images, tmp_path):
+    """`model.generation_config.num_latent_steps` outranks `config.num_latent_steps` in `generate`; a save must keep
+    it (the generation config of a loaded checkpoint is marked as derived from the model config, and transformers
+    drops unknown fields of such a config when it reloads it)."""
+    model = vedas_class.from_pretrained(vedas_dir).eval()
+    assert model.config.num_latent_steps != 1
+    model.generation_config.num_latent_steps = 1
+    model.save_pretrained(tmp_path)
+    reloaded = vedas_class.from_pretrained(tmp_path).eval()
+    assert reloaded.generation_config.num_latent_steps == 1
+    batch = make_batch(processor, ["What digit is this?"], [[images[0]]])
+    out = reloaded.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert len(out.latent_trace) == 1
 
 
 def test_fresh_process_remote_code_load_without_vedas_hf(vedas_dir, vedas_class, config_class, tmp_path):

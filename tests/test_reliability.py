@@ -80,6 +80,16 @@ def _latents_after_a_filled_cache(tiny):
     return tiny.model(input_ids=ids, **{CACHE_KWARG: prefill.past_key_values})
 
 
+def _continue_a_latent_generate_cache(tiny, **settings):
+    """A follow-up turn on the cache a latent generate returned (it holds latent-step columns the ids lack)."""
+    batch = prompt_batch(tiny)
+    first = generate(tiny, batch, return_dict_in_generate=True, **settings)
+    cache = first.get("cache", first.get("past_key_values"))
+    ids = torch.cat([first.sequences[:1], torch.tensor([[5, 6, 7]])], dim=1)
+    return generate(tiny, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, num_latent_steps=0,
+                    **{CACHE_KWARG: cache})
+
+
 def _corrupt_image(tmp_path):
     path = tmp_path / "broken.png"
     path.write_bytes(b"not a png")
@@ -159,6 +169,10 @@ MALFORMED = [
      lambda t, p: generate(t, prompt_batch(t), **{CACHE_KWARG: DynamicCache(config=t.model.config.text_config)}),
      "builds its own cache"),
     ("latent tokens continuing a filled cache", lambda t, p: _latents_after_a_filled_cache(t), "continues a filled cache"),
+    ("the cache of a latent generate continued", lambda t, p: _continue_a_latent_generate_cache(t),
+     "holds \\d+ latent-step columns"),
+    ("the cache of a latent beam search continued", lambda t, p: _continue_a_latent_generate_cache(t, num_beams=2),
+     "holds \\d+ latent-step columns"),
     ("assisted decoding with latent steps", lambda t, p: generate(t, prompt_batch(t), prompt_lookup_num_tokens=3),
      "prompt_lookup_num_tokens"),
     ("video input with latent steps",

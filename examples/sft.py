@@ -3,7 +3,7 @@
 With no arguments it builds a tiny Vedas model offline and teaches it to read the images of the bundled task
 (arithmetic over real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_reader`, the stand-in for a
 pretrained VLM), then trains it on the CPU through every curriculum stage, saves a loadable checkpoint and prints the
-test accuracy (about 8 minutes on 2 cores):
+test accuracy (8-16 minutes on 2 cores, by machine):
 
     python examples/sft.py
     python examples/sft.py --toy_task shapes --output_dir runs/vedas-tiny-shapes   # the easy-VQA counting task

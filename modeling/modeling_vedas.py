@@ -1184,6 +1184,15 @@ class VedasForConditionalGenerationMixin:
                 setattr(generation_config, name, value)
         return generation_config, kwargs
 
+    def _merge_criteria_processor_list(self, default_list, custom_list):
+        """transformers' merge of the passed processors / criteria with those the generation config builds (a passed
+        one replaces a built one of the same type), seeing through the stock-layout wrappers of a latent `generate`
+        (`_callbacks_in_stock_layout`), which keep their place in the merged list."""
+        wrapped = {id(_unwrapped(item)): item for item in custom_list}
+        unwrapped = type(custom_list)(_unwrapped(item) for item in custom_list)
+        merged = super()._merge_criteria_processor_list(default_list, unwrapped)
+        return type(merged)(wrapped.get(id(item), item) for item in merged)
+
     def _generation_expand_size(self, generation_config, kwargs) -> int:
         """How many rows `generate` makes of each prompt (beams or returned sequences); the cache must match."""
         num_beams = self._generation_setting("num_beams", generation_config, kwargs) or 1
@@ -1264,6 +1273,15 @@ class _StockLayoutStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return self.criterion(_stock_layout(input_ids, self.start, self.count), scores, **kwargs)
+
+
+def _unwrapped(item):
+    """The caller's processor or criterion inside a stock-layout wrapper (else `item`)."""
+    if isinstance(item, _StockLayoutLogitsProcessor):
+        return item.processor
+    if isinstance(item, _StockLayoutStoppingCriteria):
+        return item.criterion
+    return item
 
 
 def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:

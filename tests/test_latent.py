@@ -16,6 +16,7 @@ from transformers import (
     MaxLengthCriteria,
     StoppingCriteria,
     StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
 )
 from transformers.generation.streamers import BaseStreamer
 from transformers.cache_utils import DynamicCache
@@ -275,6 +276,15 @@ def test_passed_processors_and_criteria_see_prompt_then_answer(vedas_dir, proces
     stopped = model.generate(**batch, num_latent_steps=2, max_new_tokens=10, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=length + 3)]))
     assert torch.equal(stopped, out[:, : length + 3])
+    # as in stock `generate`, a passed processor replaces the one of the same type the generation config builds
+    first = out[:, length].tolist()
+    suppressed = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                suppress_tokens=first)
+    assert not torch.equal(suppressed, out)
+    replaced = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              suppress_tokens=first,
+                              logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor([])]))
+    assert torch.equal(replaced, out)
 
 
 @pytest.mark.parametrize("mode, inserted_per_step", [("patches", 3 + 1), ("soft_mix", 1 + 1), ("none", 1)])

@@ -1,11 +1,20 @@
 """The bundled tasks: handwritten-digit arithmetic (primary) and easy-VQA panel counting (secondary)."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
 
-from vedas_hf.toy import COLORS, SHAPES, make_digit_arithmetic, make_shape_panels, make_task, reading_records
+from vedas_hf.toy import (
+    COLORS,
+    SHAPES,
+    make_digit_arithmetic,
+    make_shape_panels,
+    make_task,
+    reading_records,
+    toy_sft_config,
+)
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds():
@@ -160,3 +169,14 @@ def test_make_task_names_the_bundled_tasks():
     assert len(train[0]["label_digits"]) == 2
     with pytest.raises(ValueError, match="digits.*shapes"):
         make_task("mnist", 1, 1)
+
+
+def test_toy_config_turns_checkpointing_off_without_deprecation_warnings(tmp_path):
+    """Off by default under the name the installed transformers uses (5.24 renamed it: the old name warns); a
+    caller's setting under either name wins."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert toy_sft_config(str(tmp_path)).gradient_checkpointing is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert toy_sft_config(str(tmp_path), gradient_checkpointing=True).gradient_checkpointing is True

@@ -252,9 +252,13 @@ def toy_sft_config(output_dir: str, **fields):
 
     defaults = dict(
         learning_rate=2e-3, per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=20,
-        logging_steps=50, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
+        logging_steps=50, save_strategy="no", report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
     )
+    # transformers >= 5.24 renamed `gradient_checkpointing` (the old name still works, with a FutureWarning)
+    names = [name for name in ("activation_checkpointing", "gradient_checkpointing")
+             if name in VedasSFTConfig.__dataclass_fields__]
+    if not set(names) & set(fields):
+        defaults[names[0]] = False
     return VedasSFTConfig(output_dir=output_dir, **{**defaults, **fields})
 
 

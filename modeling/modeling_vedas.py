@@ -1089,7 +1089,7 @@ class VedasForConditionalGenerationMixin:
         past = 0 if cache is None else int(cache.get_seq_length())
         if getattr(cache, "vedas_hidden_columns", 0):
             raise ValueError(
-                f"This cache comes from a latent generate: besides the {input_ids.shape[1]}-token prompt and answer it "
+                f"This cache comes from a latent generate: besides the {input_ids.shape[-1]}-token prompt and answer it "
                 f"holds {cache.vedas_hidden_columns} latent-step columns that the returned ids leave out, so it cannot "
                 "continue them. Call generate on the whole conversation without the cache."
             )
@@ -1255,33 +1255,27 @@ def _stock_layout(input_ids, start: int, count: int):
     return torch.cat([input_ids[..., :start], input_ids[..., start + count :]], dim=-1)
 
 
-class _StockLayoutLogitsProcessor(LogitsProcessor):
-    """A caller's logits processor, handed the ids in the stock layout (see `_callbacks_in_stock_layout`)."""
+class _StockLayoutView:
+    """A caller's logits processor or stopping criterion (`inner`), handed the ids in the stock layout (see
+    `_callbacks_in_stock_layout`)."""
 
-    def __init__(self, processor, start: int, count: int):
-        self.processor, self.start, self.count = processor, start, count
+    def __init__(self, inner, start: int, count: int):
+        self.inner, self.start, self.count = inner, start, count
 
+
+class _StockLayoutLogitsProcessor(_StockLayoutView, LogitsProcessor):
     def __call__(self, input_ids, scores):  # two arguments: the generation loop passes no others
-        return self.processor(_stock_layout(input_ids, self.start, self.count), scores)
+        return self.inner(_stock_layout(input_ids, self.start, self.count), scores)
 
 
-class _StockLayoutStoppingCriteria(StoppingCriteria):
-    """A caller's stopping criterion, handed the ids in the stock layout (see `_callbacks_in_stock_layout`)."""
-
-    def __init__(self, criterion, start: int, count: int):
-        self.criterion, self.start, self.count = criterion, start, count
-
+class _StockLayoutStoppingCriteria(_StockLayoutView, StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
-        return self.criterion(_stock_layout(input_ids, self.start, self.count), scores, **kwargs)
+        return self.inner(_stock_layout(input_ids, self.start, self.count), scores, **kwargs)
 
 
 def _unwrapped(item):
     """The caller's processor or criterion inside a stock-layout wrapper (else `item`)."""
-    if isinstance(item, _StockLayoutLogitsProcessor):
-        return item.processor
-    if isinstance(item, _StockLayoutStoppingCriteria):
-        return item.criterion
-    return item
+    return item.inner if isinstance(item, _StockLayoutView) else item
 
 
 def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:

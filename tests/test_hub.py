@@ -320,8 +320,9 @@ def test_push_requires_auto_config_root_weights_and_processor_files(vedas_dir, t
                                                    "['model-00002-of-00003.safetensors', "
                                                    "'model-00003-of-00003.safetensors']")):
         check_folder(shard_lost)
-    with pytest.raises(ValueError, match="is not a safetensors index"):
-        check_folder(link_copy(sharded, tmp_path / "bad_index", extra={"model.safetensors.index.json": "{}"}))
+    for name, text in [("bad_index", "{}"), ("list_index", '{"weight_map": []}')]:
+        with pytest.raises(ValueError, match="is not a safetensors index"):
+            check_folder(link_copy(sharded, tmp_path / name, extra={"model.safetensors.index.json": text}))
     for skip, missing in [
         ({"tokenizer_config.json"}, ["tokenizer_config.json"]),
         ({"processor_config.json"}, ["processor_config.json or preprocessor_config.json"]),

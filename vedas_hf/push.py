@@ -115,10 +115,10 @@ def _missing_shards(folder: Path, files: list) -> list:
     if WEIGHT_FILES[1] not in files:
         return []
     try:
-        weight_map = json.loads((folder / WEIGHT_FILES[1]).read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
+        shards = set(json.loads((folder / WEIGHT_FILES[1]).read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{folder / WEIGHT_FILES[1]} is not a safetensors index ({error}); re-save the model.") from None
-    return sorted(set(weight_map.values()) - set(files))
+    return sorted(shards - set(files))
 
 
 def push_to_hub(folder, repo_id: str, private: bool = False, revision: str | None = None,

@@ -35,6 +35,7 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
@@ -1273,14 +1274,32 @@ class _StockLayoutStoppingCriteria(_StockLayoutView, StoppingCriteria):
         return self.inner(_stock_layout(input_ids, self.start, self.count), scores, **kwargs)
 
 
+class _StockLayoutStreamer(_StockLayoutView, BaseStreamer):
+    """A caller's streamer: its first `put` (the loop's input ids) gets the prompt without the inserted columns,
+    as in stock `generate`; the answer tokens that follow pass through."""
+
+    def __init__(self, inner, start: int, count: int):
+        super().__init__(inner, start, count)
+        self.prompt_sent = False
+
+    def put(self, value):
+        if not self.prompt_sent:
+            self.prompt_sent = True
+            value = _stock_layout(value, self.start, self.count)
+        self.inner.put(value)
+
+    def end(self):
+        self.inner.end()
+
+
 def _unwrapped(item):
     """The caller's processor or criterion inside a stock-layout wrapper (else `item`)."""
     return item.inner if isinstance(item, _StockLayoutView) else item
 
 
 def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:
-    """`logits_processor`, `stopping_criteria` and `prefix_allowed_tokens_fn` passed to a latent `generate` see the
-    ids as stock `generate` would (prompt, then answer): the decoding loop's ids also hold the `count` columns
+    """`logits_processor`, `stopping_criteria`, `prefix_allowed_tokens_fn` and a `streamer` passed to a latent
+    `generate` see the ids as stock `generate` would (prompt, then answer): the decoding loop's ids also hold the `count` columns
     inserted at `start` (start marker, replayed tokens, latents, end marker), which are cut out for them. (The
     processors the generation config builds, e.g. `repetition_penalty`, see the loop's ids; `max_length` and
     `min_length` are shifted instead, see `_decoding_config`.)"""
@@ -1293,6 +1312,8 @@ def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             _StockLayoutStoppingCriteria(c, start, count) for c in kwargs["stopping_criteria"]
         )
+    if kwargs.get("streamer") is not None:
+        kwargs["streamer"] = _StockLayoutStreamer(kwargs["streamer"], start, count)
     allowed = kwargs.get("prefix_allowed_tokens_fn")
     if allowed is not None:
         kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: allowed(batch_id, _stock_layout(ids, start, count))

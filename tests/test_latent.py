@@ -236,7 +236,12 @@ def test_streamer_and_stopping_criteria_follow_the_answer(vedas_dir, processor, 
     out = model.generate(**batch, num_latent_steps=2, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                          streamer=streamer)
     answer = out[0, length:]
-    assert streamer.ended and torch.equal(torch.cat(streamer.chunks[1:]), answer)  # first put: the loop's input
+    # as in stock generate: the prompt first (without the latent columns), then one put per answer token
+    assert streamer.ended and torch.equal(streamer.chunks[0], batch["input_ids"][0])
+    assert len(streamer.chunks) == 7 and torch.equal(torch.cat(streamer.chunks[1:]), answer)
+    stock = RecordingStreamer()
+    model.generate(**batch, num_latent_steps=0, max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=stock)
+    assert torch.equal(stock.chunks[0], streamer.chunks[0])
     stop = int(answer[2])
     first = int((answer == stop).nonzero()[0])
     stopped = model.generate(**batch, num_latent_steps=2, max_new_tokens=6, do_sample=False,

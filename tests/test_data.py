@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from vedas_hf.data import (
     IGNORE_INDEX,
+    NormalizedRecords,
     VedasDataCollator,
     answer_text,
     build_stage_example,
@@ -158,6 +159,39 @@ def test_load_records_from_an_image_folder_with_metadata(tmp_path):
         assert np.array_equal(np.asarray(n["images"][0]), np.asarray(image.convert("RGB")))
 
 
+def _image_records(tmp_path, count, side=64):
+    images = make_tiny_images(count, sizes=((side, side),))
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "question": f"q{i}", "steps": ["s1", "s2"], "answer": str(i)} for i in range(count)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return images, load_records(tmp_path / "data.jsonl")
+
+
+def test_normalized_records_check_everything_up_front_and_decode_images_on_access(tmp_path, processor):
+    import pickle
+
+    images, records = _image_records(tmp_path, 6, side=128)
+    lazy = NormalizedRecords(records, max_steps=2, tokenizer=processor.tokenizer)
+    assert len(lazy) == 6 and [r["question"] for r in lazy] == [f"q{i}" for i in range(6)]
+    assert [r["answer"] for r in lazy[1:6:2]] == ["1", "3", "5"] and lazy[-1]["answer"] == "5"
+    for record, image in zip(lazy, images):
+        assert np.array_equal(np.asarray(record["images"][0]), np.asarray(image.convert("RGB")))
+    assert lazy[0]["images"][0] is not lazy[0]["images"][0]  # decoded per access, not kept
+    # what a dataloader worker is sent: the paths, not 6 x 128 x 128 x 3 bytes of pixels
+    assert len(pickle.dumps(lazy)) < 4_000 < 6 * 128 * 128 * 3
+    with pytest.raises(IndexError, match="record index 6 out of range for 6 records"):
+        lazy[6]
+    # every record is checked when it is built: fields, images, special token strings
+    (tmp_path / "3.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="Record 3: cannot read image"):
+        NormalizedRecords(records)
+    with pytest.raises(ValueError, match=r"Record 1: field 'question' contains the special token string '<\|latent\|>'"):
+        NormalizedRecords([records[0], {**records[0], "question": "a <|latent|> b"}], tokenizer=processor.tokenizer)
+    with pytest.raises(ValueError, match=r"got a dict with keys \['train'\] \(a dict of splits\?\)"):
+        NormalizedRecords({"train": records})
+
+
 @pytest.mark.parametrize("name", ["data.ndjson", "DATA.JSONL", "data.Jsonl"])
 def test_load_records_reads_json_lines_under_any_extension_case(tmp_path, name):
     rows = [{"question": f"q{i}", "steps": ["s"], "answer": str(i)} for i in range(2)]
@@ -177,7 +211,26 @@ def test_load_records_names_the_supported_formats_and_splits(tmp_path):
     splits = DatasetDict({"train": split, "test": split})
     with pytest.raises(ValueError, match=r"DatasetDict with keys \['train', 'test'\], .* e.g. dataset\['train'\]"):
         load_records(splits)
-    assert load_records(splits["train"]) == [{"question": "q", "steps": ["s"], "answer": "1"}]
+    assert list(load_records(splits["train"])) == [{"question": "q", "steps": ["s"], "answer": "1"}]
+
+
+def test_load_records_reads_a_dataset_one_row_at_a_time(processor):
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    images = make_tiny_images(3)
+    rows = {"question": ["q0", "q1", "q2"], "choices": [["a", "b"]] * 3, "answer": ["A", "B", "C"],
+            "rationale": ["r1\n\nr2"] * 3, "image": images}
+    features = Features({"question": Value("string"), "choices": Sequence(Value("string")),
+                         "answer": Value("string"), "rationale": Value("string"), "image": Image()})
+    dataset = Dataset.from_dict(rows, features=features)
+    records = load_records(dataset, adapter=from_m3cot)  # answer "C" of row 2 is not a choice: found when read
+    assert not isinstance(records, list) and len(records) == 3
+    assert [r["answer"] for r in records[:2]] == ["A", "B"] and records[0]["question"] == "q0\nOptions: (A) a (B) b"
+    assert records[0]["image"] is not records[0]["image"]  # decoded from the table per read
+    assert np.array_equal(np.asarray(records[1]["image"].convert("RGB")), np.asarray(images[1].convert("RGB")))
+    with pytest.raises(ValueError, match=r"Record 2: answer 'C' is not among the 2 choices"):
+        NormalizedRecords(records, tokenizer=processor.tokenizer)
+    assert [r["answer"] for r in NormalizedRecords(records[:2])] == ["A", "B"]
 
 
 def test_image_folder_without_metadata_names_the_fix(tmp_path):

@@ -9,6 +9,9 @@ Stage k of the curriculum replaces the first k steps with k `<|latent|>` tokens 
 
 import json
 import numbers
+import operator
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -134,6 +137,73 @@ def normalize_record(
     return {"images": images, "question": question, "steps": steps, "answer": answer}
 
 
+class _RecordSequence(Sequence):
+    """A read-only sequence whose item `index` is computed from `self.source[index]` when read (`_read`)."""
+
+    source = ()
+
+    def _read(self, index: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = operator.index(index)
+        index = index + len(self) if index < 0 else index
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range for {len(self)} records")
+        return self._read(index)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+
+class NormalizedRecords(_RecordSequence):
+    """The records of `source` (a list of dicts, a `datasets.Dataset`, any sequence), normalised one at a time.
+
+    Building it checks every record once ([`normalize_record`]: fields, reasoning steps, readable images, each image
+    decoded then dropped; with a `tokenizer`, also no special token string in `text_fields`, see
+    [`check_records_text`]). Each access normalises `source[index]` again and decodes its images, as a `datasets`
+    image column does: memory stays that of the source (image paths, a memory-mapped table), not a decoded copy of
+    every image, and a dataloader worker is sent the source, not the pixels.
+    """
+
+    def __init__(self, source, *, max_steps: int = 4, require_steps: bool = True, tokenizer=None,
+                 text_fields=("question", "steps", "answer")):
+        _check_max_steps(max_steps)
+        if isinstance(source, dict):
+            raise ValueError(
+                f"Expected a sequence of records, got a dict with keys {list(source)[:5]} (a dict of splits?); pass "
+                "one split's records, e.g. dataset['train']."
+            )
+        if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+            source = list(source)  # a generator or other one-pass iterable
+        self.source, self.max_steps, self.require_steps = source, max_steps, require_steps
+        if tokenizer is not None:
+            check_records_text(self, tokenizer, text_fields)  # normalises (so checks) every record once
+        else:
+            for _ in self:
+                pass
+
+    def _read(self, index: int) -> dict:
+        return normalize_record(self.source[index], index, self.max_steps, require_steps=self.require_steps)
+
+
+class AdaptedRecords(_RecordSequence):
+    """`adapter(row, index)` for each row of `source` (a `datasets.Dataset`), computed when the row is read, so the
+    rows and their images stay in the dataset's table until used (what [`load_records`] returns for a dataset)."""
+
+    def __init__(self, source, adapter=None):
+        self.source, self.adapter = source, adapter
+
+    def _read(self, index: int) -> dict:
+        row = dict(self.source[index])
+        return self.adapter(row, index) if self.adapter is not None else row
+
+
 def _context_prefix(record: dict, name: str, index: int) -> str:
     """`"Context: <text>\n"` for a non-empty context field `name` (M3CoT `context`, ScienceQA `hint`), else `""`."""
     context = record.get(name)
@@ -244,16 +314,24 @@ def _read_image_folder(folder: Path) -> list:
     return records
 
 
-def load_records(source, adapter=None) -> list[dict]:
+def _is_arrow_dataset(source) -> bool:
+    datasets = sys.modules.get("datasets")  # a `datasets.Dataset` means the package is imported
+    return datasets is not None and isinstance(source, datasets.Dataset)
+
+
+def load_records(source, adapter=None) -> Sequence[dict]:
     """Records from a `.json` / `.jsonl` / `.ndjson` path, an image folder with a `metadata.jsonl` (the `datasets`
     imagefolder layout, `file_name` naming each row's image), a list of dicts or a `datasets.Dataset`;
     `adapter(record, index)` maps each to the canonical schema. Relative image paths are resolved against the file's
-    folder. A dict of splits (a `datasets.DatasetDict`) is a `ValueError`: pass one split."""
+    folder. A list for files and lists; for a `datasets.Dataset`, [`AdaptedRecords`] (each row adapted, and its
+    images decoded, when read). A dict of splits (a `datasets.DatasetDict`) is a `ValueError`: pass one split."""
     if isinstance(source, dict):
         raise ValueError(
             f"load_records got a {type(source).__name__} with keys {list(source)}, not a sequence of records; pass one "
             "split, e.g. dataset['train']."
         )
+    if _is_arrow_dataset(source):
+        return AdaptedRecords(source, adapter)
     base_dir = None
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -483,8 +561,10 @@ class VedasDataCollator:
 
 
 __all__ = [
+    "AdaptedRecords",
     "VedasDataCollator",
     "DATASET_FORMATS",
+    "NormalizedRecords",
     "answer_text",
     "build_stage_example",
     "check_record_text",

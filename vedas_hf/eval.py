@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import check_records_text, normalize_record, prompt_messages
+from .data import NormalizedRecords, prompt_messages
 
 
 _TRAILING = ".。!?, "
@@ -67,13 +67,12 @@ def answers_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-def _evaluation_records(records, tokenizer) -> list[dict]:
-    """Normalised evaluation records (reasoning steps optional); `ValueError` for an empty set, and naming the
-    record for a question holding a special token string."""
-    records = [normalize_record(record, i, require_steps=False) for i, record in enumerate(records)]
-    if not records:
+def _evaluation_records(records, tokenizer) -> NormalizedRecords:
+    """Evaluation records, normalised as they are read (reasoning steps optional, images decoded per batch);
+    `ValueError` for an empty set, and naming the record for a question holding a special token string."""
+    records = NormalizedRecords(records, require_steps=False, tokenizer=tokenizer, text_fields=("question",))
+    if len(records) == 0:
         raise ValueError("No records to evaluate: pass at least one record (image, question, answer).")
-    check_records_text(records, tokenizer, fields=("question",))
     return records
 
 
@@ -113,7 +112,8 @@ def evaluate(
     device = next(model.parameters()).device
     predictions, ar_steps, elapsed = [], [], 0.0
     model.eval()
-    for batch in tqdm(list(_batches(records, batch_size)), desc="evaluate", disable=not progress):
+    batches = _batches(records, batch_size)  # read (images decoded) one batch at a time
+    for batch in tqdm(batches, total=-(-len(records) // batch_size), desc="evaluate", disable=not progress):
         prompts = [processor.apply_chat_template(prompt_messages(r), add_generation_prompt=True) for r in batch]
         images = [image for r in batch for image in r["images"]] or None
         inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True).to(device)
@@ -167,7 +167,7 @@ def window_images(model, processor, records, out_dir, num_latent_steps: int, max
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    records = [normalize_record(record, i, require_steps=False) for i, record in enumerate(records)]
+    records = NormalizedRecords(records, require_steps=False)
     paths = []
     for index, record in enumerate(records):
         if not record["images"]:

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, VedasDataCollator, build_stage_example, check_records_text, normalize_record
+from .data import IGNORE_INDEX, NormalizedRecords, VedasDataCollator, build_stage_example
 
 
 logger = logging.get_logger(__name__)
@@ -176,12 +176,12 @@ class VedasSFTConfig(SFTConfig):
 class StageRenderer:
     """Renders canonical records at the current curriculum `stage` (a `datasets` transform).
 
-    Every record is validated when the renderer is built, so a malformed record fails before training starts.
+    Every record is validated when the renderer is built, so a malformed record fails before training starts; images
+    are decoded when a record is rendered (see [`NormalizedRecords`]).
     """
 
     def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
-        self.records = [normalize_record(record, i, max_steps=args.max_reasoning_steps) for i, record in enumerate(records)]
-        check_records_text(self.records, processor.tokenizer)
+        self.records = NormalizedRecords(records, max_steps=args.max_reasoning_steps, tokenizer=processor.tokenizer)
         self.processor = processor
         self.args = args
         self.stage = stage

@@ -123,21 +123,22 @@ def main():
     print(table(headers, rows))
     print()
 
-    first, last = results[0], results[-1]
     worst = max(ratios[f"vedas_over_stock_{r['length']}"] for r in results)
-    drift = ratios[f"vedas_over_stock_{last['length']}"] / ratios[f"vedas_over_stock_{first['length']}"]
-    growth = math.log(last["length"] / first["length"])
-    lines = [
-        f"vedas/stock peak memory, worst over lengths: {worst:.3f}x ({verdict(worst, 1.15, False)})",
-        f"vedas/stock at {last['length']} vs {first['length']} tokens: {drift:.3f}x (flat = 1.0)",
-        f"peak growth exponent {first['length']}->{last['length']} tokens: "
-        f"stock {math.log(last['stock'] / first['stock']) / growth:.2f}, "
-        f"vedas {math.log(last['vedas'] / first['vedas']) / growth:.2f}"
-        + ("" if naive is None or last["naive"] is None or first["naive"] is None else
-           f", naive {math.log(last['naive'] / first['naive']) / growth:.2f} (1 = linear, 2 = quadratic)"),
-    ]
+    lines = [f"vedas/stock peak memory, worst over lengths: {worst:.3f}x ({verdict(worst, 1.15, False)})"]
     ratios["vedas_over_stock_worst"] = worst
-    ratios["vedas_over_stock_drift"] = drift
+    first, last = results[0], results[-1]
+    if last["length"] != first["length"]:  # the trend needs two lengths
+        drift = ratios[f"vedas_over_stock_{last['length']}"] / ratios[f"vedas_over_stock_{first['length']}"]
+        growth = math.log(last["length"] / first["length"])
+        lines += [
+            f"vedas/stock at {last['length']} vs {first['length']} tokens: {drift:.3f}x (flat = 1.0)",
+            f"peak growth exponent {first['length']}->{last['length']} tokens: "
+            f"stock {math.log(last['stock'] / first['stock']) / growth:.2f}, "
+            f"vedas {math.log(last['vedas'] / first['vedas']) / growth:.2f}"
+            + ("" if naive is None or last["naive"] is None or first["naive"] is None else
+               f", naive {math.log(last['naive'] / first['naive']) / growth:.2f} (1 = linear, 2 = quadratic)"),
+        ]
+        ratios["vedas_over_stock_drift"] = drift
     print("\n".join(lines))
     print("RATIOS: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
     write_json(args.json, {"benchmark": "memory", "args": vars(args), "model": built.description,

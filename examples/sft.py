@@ -12,7 +12,7 @@ On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with
 
     accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml examples/sft.py \
         --model_name_or_path runs/vedas-qwen2-vl-2b --dataset_path data/m3cot_train.jsonl --dataset_format m3cot \
-        --output_dir runs/m3cot --use_peft --bf16 --gradient_checkpointing --learning_rate 4e-5 \
+        --output_dir runs/m3cot --use_peft --bf16 True --gradient_checkpointing --learning_rate 4e-5 \
         --per_device_train_batch_size 8
 
 Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. With `--eval_strategy steps`

@@ -1299,10 +1299,10 @@ def _unwrapped(item):
 
 def _callbacks_in_stock_layout(kwargs: dict, start: int, count: int) -> dict:
     """`logits_processor`, `stopping_criteria`, `prefix_allowed_tokens_fn` and a `streamer` passed to a latent
-    `generate` see the ids as stock `generate` would (prompt, then answer): the decoding loop's ids also hold the `count` columns
-    inserted at `start` (start marker, replayed tokens, latents, end marker), which are cut out for them. (The
-    processors the generation config builds, e.g. `repetition_penalty`, see the loop's ids; `max_length` and
-    `min_length` are shifted instead, see `_decoding_config`.)"""
+    `generate` see the ids as stock `generate` would (prompt, then answer): the decoding loop's ids also hold the
+    `count` columns inserted at `start` (start marker, replayed tokens, latents, end marker), which are cut out for
+    them. (The processors the generation config builds, e.g. `repetition_penalty`, see the loop's ids; `max_length`
+    and `min_length` are shifted instead, see `_decoding_config`.)"""
     kwargs = dict(kwargs)
     if kwargs.get("logits_processor"):
         kwargs["logits_processor"] = LogitsProcessorList(

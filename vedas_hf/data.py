@@ -179,8 +179,8 @@ class NormalizedRecords(_RecordSequence):
                 f"Expected a sequence of records, got a dict with keys {list(source)[:5]} (a dict of splits?); pass "
                 "one split's records, e.g. dataset['train']."
             )
-        if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-            source = list(source)  # a generator or other one-pass iterable
+        if isinstance(source, list) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+            source = list(source)  # a copy of a list (the caller may change theirs), or a one-pass iterable read once
         self.source, self.max_steps, self.require_steps = source, max_steps, require_steps
         if tokenizer is not None:
             check_records_text(self, tokenizer, text_fields)  # normalises (so checks) every record once

@@ -15,13 +15,17 @@ On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with
         --output_dir runs/m3cot --use_peft --bf16 True --gradient_checkpointing --learning_rate 4e-5 \
         --per_device_train_batch_size 8
 
-Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. With `--eval_strategy steps`
+Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. The demo's settings
+(`DEMO_DEFAULTS`: up to 3 latents, one epoch per stage, 8 epochs, lr 2e-3, float32, no activation checkpointing, output in
+`runs/vedas-tiny-digits`) apply only without `--dataset_path`; on the user's data every default is
+`VedasSFTConfig`'s (4 stages of 4 epochs, TRL's bf16 and activation checkpointing on). With `--eval_strategy steps`
 (or `epoch`) the evaluation records (`--eval_dataset_path`, or the bundled task's test split) also give the eval loss
 during training; `--resume_from_checkpoint True` continues from the last checkpoint in `--output_dir`.
 """
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -132,10 +136,21 @@ def resume_argument(value):
     return value
 
 
+def uses_bundled_task(argv) -> bool:
+    """Whether the command line (flags or `--config` file) leaves `--dataset_path` unset, i.e. trains on a bundled
+    task; `--help` shows the demo's defaults."""
+    if "-h" in argv or "--help" in argv:
+        return True
+    parsed = TrlParser((VedasScriptArguments,)).parse_args_and_config(argv, return_remaining_strings=True)
+    return parsed[0].dataset_path is None
+
+
 def main(argv=None):
     """Train (and evaluate) as the command line `argv` says; returns the trainer."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = TrlParser((VedasScriptArguments, VedasSFTConfig))
-    parser.set_defaults(**DEMO_DEFAULTS)
+    if uses_bundled_task(argv):  # the demo's settings; a run on the user's data keeps VedasSFTConfig's (TRL's)
+        parser.set_defaults(**DEMO_DEFAULTS)
     script_args, training_args = parser.parse_args_and_config(argv)
     # the data first: a missing or malformed file fails before any model is loaded (or the demo reader pretrained)
     train_records, test_records = load_data(script_args, training_args)

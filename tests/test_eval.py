@@ -242,7 +242,7 @@ def sft_without_model(monkeypatch):
 
 
 def test_sft_script_checks_the_data_before_loading_the_model(sft_without_model, tmp_path):
-    base = ["--output_dir", str(tmp_path / "out")]
+    base = ["--output_dir", str(tmp_path / "out"), "--bf16", "False"]  # on a CPU, as with any TRL script
     with pytest.raises(ValueError, match="does not exist"):
         sft_without_model.main([*base, "--dataset_path", str(tmp_path / "missing.jsonl")])
     rows = [{"question": "q", "steps": ["a"], "answer": "1"}, {"question": "q", "steps": ["a"]}]
@@ -256,6 +256,35 @@ def test_sft_script_checks_the_data_before_loading_the_model(sft_without_model, 
     with pytest.raises(ValueError, match=r"--eval_dataset_path .*eval.jsonl: Record 0: cannot read image"):
         sft_without_model.main([*base, "--dataset_path", str(tmp_path / "ok.jsonl"), "--eval_dataset_path",
                                 str(tmp_path / "eval.jsonl")])
+
+
+def test_sft_script_uses_the_demo_settings_only_for_the_bundled_task(monkeypatch, tmp_path):
+    """On the user's data (flag or --config file) every default is VedasSFTConfig's, not the tiny demo's."""
+    from vedas_hf.trainer import VedasSFTConfig
+
+    sft, parsed = load_script("sft"), []
+
+    class Parsed(Exception):
+        pass
+
+    def load_model(script_args, training_args):
+        parsed.append(training_args)
+        raise Parsed
+
+    monkeypatch.setattr(sft, "load_model", load_model)
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"question": "q", "steps": ["a"], "answer": "1"}))
+    (tmp_path / "run.yaml").write_text(f"dataset_path: {tmp_path / 'ok.jsonl'}\nbf16: false\n")
+    on_cpu = ["--bf16", "False"]
+    user_data = (["--dataset_path", str(tmp_path / "ok.jsonl"), *on_cpu], ["--config", str(tmp_path / "run.yaml")])
+    for argv in (*user_data, ["--num_train_samples", "4", "--num_eval_samples", "0"]):
+        with pytest.raises(Parsed):
+            sft.main(["--output_dir", str(tmp_path / "out"), *argv])
+    fields = ("max_latent_stage", "epochs_per_stage", "num_train_epochs", "learning_rate", "gradient_checkpointing")
+    trainer_defaults = VedasSFTConfig(output_dir=str(tmp_path), bf16=False)
+    expected = tuple(getattr(trainer_defaults, name) for name in fields)
+    assert expected == (4, 4, 20, 2e-5, True)  # TRL's learning rate
+    demo = (3, 1, 8, 2e-3, False)
+    assert [tuple(getattr(args, name) for name in fields) for args in parsed] == [expected, expected, demo]
 
 
 def test_sft_script_evaluates_with_the_latent_steps_the_trainer_set(tiny, tmp_path, monkeypatch):

@@ -168,6 +168,38 @@ def _image_records(tmp_path, count, side=64):
     return images, load_records(tmp_path / "data.jsonl")
 
 
+def test_images_are_read_as_the_model_should_see_them(tmp_path):
+    """Transparency composited onto white (as transformers' processors do), 16-bit greyscale scaled (not clipped),
+    EXIF orientation applied (as `datasets` decodes), `datasets` `Image(decode=False)` values accepted."""
+    from PIL import Image
+
+    def read(image):
+        record = normalize_record({"image": image, "question": "q", "steps": ["a"], "answer": "1"}, 0)
+        return np.asarray(record["images"][0])
+
+    drawing = np.zeros((4, 6, 4), np.uint8)
+    drawing[1, 2] = (10, 20, 30, 255)  # one opaque pixel on a transparent (black) background
+    rgba = read(Image.fromarray(drawing, "RGBA"))
+    assert rgba.shape == (4, 6, 3) and rgba[1, 2].tolist() == [10, 20, 30] and (rgba[0] == 255).all()
+    palette = Image.fromarray(np.array([[0, 1], [1, 1]], np.uint8), "P")
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png")
+    assert read(str(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [200, 0, 0]], [[200, 0, 0], [200, 0, 0]]]
+    Image.fromarray(np.array([[0, 32896, 65535]], np.uint16)).save(tmp_path / "deep.png")
+    assert read(str(tmp_path / "deep.png"))[0, :, 0].tolist() == [0, 128, 255]
+    tall = Image.fromarray(np.zeros((8, 4, 3), np.uint8))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    tall.save(tmp_path / "rotated.jpg", exif=exif)
+    assert read(str(tmp_path / "rotated.jpg")).shape == (4, 8, 3)
+    raw = (tmp_path / "p.png").read_bytes()
+    from_path = read({"bytes": None, "path": str(tmp_path / "p.png")})
+    assert read({"bytes": raw, "path": None}).tolist() == from_path.tolist()
+    with pytest.raises(ValueError, match=r"Record 0: cannot read image '<image bytes>'"):
+        read({"bytes": b"not an image", "path": None})
+
+
 def test_normalized_records_check_everything_up_front_and_decode_images_on_access(tmp_path, processor):
     import pickle
 

@@ -7,6 +7,7 @@ Stage k of the curriculum replaces the first k steps with k `<|latent|>` tokens 
 `<|end-latent|>`; labels cover the remaining steps, the answer and the end of turn only.
 """
 
+import io
 import json
 import numbers
 import operator
@@ -14,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
@@ -56,19 +58,47 @@ def split_rationale(text: str, max_steps: int) -> list[str]:
     return steps
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of `image` as the model should see it: EXIF orientation applied (as `datasets` decodes images),
+    16- and 32-bit greyscale scaled to 8 bits (a plain conversion clips them to white), transparency composited onto
+    white (as transformers' image processors do; dropping the alpha channel would leave what is under it, often
+    black)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        scaled = (np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255)
+        image = Image.fromarray(scaled.astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image(source, name: str, index: int) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            return _to_rgb(opened)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Record {index}: cannot read image {name!r} ({error}).") from error
+
+
 def _load_image(image, index: int, base_dir: Path | None):
+    """A record's image (a PIL image, a path, or a `datasets` `Image(decode=False)` value `{"bytes", "path"}`) as
+    RGB (see [`_to_rgb`])."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image)
+    if isinstance(image, dict) and image and set(image) <= {"bytes", "path"}:
+        if image.get("bytes") is not None:
+            return _open_image(io.BytesIO(image["bytes"]), image.get("path") or "<image bytes>", index)
+        image = image.get("path")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"Record {index}: cannot read image {str(path)!r} ({error}).") from error
-    raise ValueError(f"Record {index}: field 'image' must be a PIL image or a path, got {type(image).__name__}.")
+        return _open_image(path, str(path), index)
+    raise ValueError(
+        f"Record {index}: field 'image' must be a PIL image, a path or a `datasets` image value ({{'bytes', 'path'}}), "
+        f"got {type(image).__name__}."
+    )
 
 
 MESSAGES_HINT = (

@@ -45,6 +45,8 @@ def token(processor, name):
 
 def test_split_rationale_keeps_short_and_merges_long():
     assert split_rationale("a\n\nb\n\n\nc", 4) == ["a", "b", "c"]
+    # Windows line ends and blank lines holding spaces or tabs are blank lines too
+    assert split_rationale("a\r\n\r\nb\r\n \r\nc", 4) == split_rationale("a\n \nb\n\t\nc", 4) == ["a", "b", "c"]
     pieces = [f"step {i} " + "x" * 10 for i in range(9)]
     steps = split_rationale("\n\n".join(pieces), 4)
     assert len(steps) == 4
@@ -168,6 +170,18 @@ def _image_records(tmp_path, count, side=64):
     return images, load_records(tmp_path / "data.jsonl")
 
 
+def test_records_that_would_train_or_score_wrongly_are_errors():
+    base = {"question": "q", "steps": ["a"], "answer": "1"}
+    with pytest.raises(ValueError, match=r"Record 2 has both 'image' and 'images' \(images=\[\]\); keep one field"):
+        normalize_record({**base, "image": make_tiny_images(1)[0], "images": []}, 2)
+    with pytest.raises(ValueError, match=r"Record 2: field 'answer' is nan \(a missing value in the data\?\)"):
+        normalize_record({**base, "answer": float("nan")}, 2)
+    with pytest.raises(ValueError, match=r"Record 2: field 'answer' spans several lines .* Write the answer on one"):
+        normalize_record({**base, "answer": "line one\nline two"}, 2)
+    # an integer index column read as floats (pandas)
+    assert from_scienceqa({"question": "q", "choices": ["x", "y"], "answer": 1.0, "solution": "s"}, 0)["answer"] == "B"
+
+
 def test_images_are_read_as_the_model_should_see_them(tmp_path):
     """Transparency composited onto white (as transformers' processors do), 16-bit greyscale scaled (not clipped),
     EXIF orientation applied (as `datasets` decodes), `datasets` `Image(decode=False)` values accepted."""
@@ -263,6 +277,22 @@ def test_load_records_reads_a_dataset_one_row_at_a_time(processor):
     with pytest.raises(ValueError, match=r"Record 2: answer 'C' is not among the 2 choices"):
         NormalizedRecords(records, tokenizer=processor.tokenizer)
     assert [r["answer"] for r in NormalizedRecords(records[:2])] == ["A", "B"]
+
+
+def test_image_folder_rows_with_several_images_and_streaming_datasets(tmp_path):
+    images = make_tiny_images(2)
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    row = {"file_names": ["0.png", "1.png"], "question": "q", "steps": ["s"], "answer": "1"}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(row))
+    (record,) = load_records(tmp_path)
+    assert record["images"] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    assert len(normalize_record(record, 0)["images"]) == 2
+    from datasets import Dataset
+
+    streaming = Dataset.from_list([{"question": "q", "steps": ["s"], "answer": "1"}]).to_iterable_dataset()
+    with pytest.raises(ValueError, match="load_records got a streaming IterableDataset, .* without streaming=True"):
+        load_records(streaming)
 
 
 def test_image_folder_without_metadata_names_the_fix(tmp_path):

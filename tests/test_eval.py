@@ -68,7 +68,7 @@ def test_extract_answer_on_adversarial_outputs(text, parsed):
         # option-letter golds: the letter the prediction picks
         ("(B) cat", "B", True), ("B.", "B", True), ("B) the dog", "B", True), ("C, because", "C", True),
         ("b", "B", True), ("(c)", "C", True), ("A cat", "B", False), ("Because it is red", "B", False),
-        ("B", "A", False),
+        ("B", "A", False), ("(b) green", "B", True), ("a dog", "A", False),
         # other golds: the whole answer, even when it starts with a one-letter word
         ("A dog", "A dog", True), ("A", "A dog", False), ("I don't know", "I don't know", True),
         ("I", "I don't know", False), ("E. coli", "E. coli", True), ("E", "E. coli", False),

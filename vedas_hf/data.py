@@ -9,8 +9,10 @@ Stage k of the curriculum replaces the first k steps with k `<|latent|>` tokens 
 
 import io
 import json
+import math
 import numbers
 import operator
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,11 +39,15 @@ def _check_max_steps(max_steps) -> None:
         )
 
 
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
 def split_rationale(text: str, max_steps: int) -> list[str]:
-    """Split on blank lines; when there are more than `max_steps` pieces, merge neighbours into `max_steps` steps
-    of roughly equal length (in characters). `max_steps` below 1 is a `ValueError`."""
+    """Split on blank lines (also `\r\n` line ends and lines holding only spaces or tabs); when there are more than
+    `max_steps` pieces, merge neighbours into `max_steps` steps of roughly equal length (in characters). `max_steps`
+    below 1 is a `ValueError`."""
     _check_max_steps(max_steps)
-    pieces = [p.strip() for p in text.split("\n\n") if p.strip()]
+    pieces = [p.strip() for p in _BLANK_LINE.split(text.replace("\r\n", "\n")) if p.strip()]
     if len(pieces) <= max_steps:
         return pieces
     total = sum(len(p) for p in pieces)
@@ -156,9 +162,24 @@ def normalize_record(
     if not isinstance(record, dict):
         raise ValueError(f"Record {index} must be a dict, got {type(record).__name__}.")
     question = _text_field(record, "question", index)
+    if isinstance(record.get("answer"), float) and not math.isfinite(record["answer"]):
+        raise ValueError(
+            f"Record {index}: field 'answer' is {record['answer']!r} (a missing value in the data?); every record "
+            "needs an answer."
+        )
     answer = _text_field({"answer": answer_text(record.get("answer"))}, "answer", index)
+    if "\n" in answer:
+        raise ValueError(
+            f"Record {index}: field 'answer' spans several lines ({answer!r}); evaluation reads the first line after "
+            "'Answer:', so it could never match. Write the answer on one line."
+        )
     steps = _reasoning_steps(record, index, max_steps, required=require_steps)
     raw_images = record.get("images")
+    if raw_images is not None and record.get("image") is not None:
+        raise ValueError(
+            f"Record {index} has both 'image' and 'images' (images={raw_images!r:.80}); keep one field: 'image' for "
+            "one image, 'images' for a list."
+        )
     if raw_images is None:
         raw_images = [] if record.get("image") is None else [record["image"]]
     if not isinstance(raw_images, (list, tuple)):
@@ -251,6 +272,8 @@ def _lettered(record: dict, index: int, answer, context: str = "") -> tuple[str,
     letters = [chr(ord("A") + i) for i in range(len(choices))]
     options = " ".join(f"({letter}) {choice}" for letter, choice in zip(letters, choices))
     question = f"{context}{_text_field(record, 'question', index)}\nOptions: {options}"
+    if isinstance(answer, float) and answer.is_integer():  # an integer column read as floats (pandas, NaN rows)
+        answer = int(answer)
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return question, letters[answer]
     if isinstance(answer, str) and answer.strip().strip("()").upper() in letters:
@@ -330,7 +353,8 @@ FOLDER_METADATA = ("metadata.jsonl", "metadata.json")
 
 def _read_image_folder(folder: Path) -> list:
     """Records of an image folder in the `datasets` imagefolder layout: images next to a `metadata.jsonl` (or
-    `metadata.json`) whose rows name their image in `file_name`; `file_name` becomes the record's `image`."""
+    `metadata.json`) whose rows name their image in `file_name` (or their images in a `file_names` list), which
+    becomes the record's `image` (`images`)."""
     found = [folder / name for name in FOLDER_METADATA if (folder / name).is_file()]
     if not found:
         raise ValueError(
@@ -341,6 +365,8 @@ def _read_image_folder(folder: Path) -> list:
     for record in records:
         if isinstance(record, dict) and "file_name" in record:
             record.setdefault("image", record.pop("file_name"))
+        if isinstance(record, dict) and "file_names" in record:  # several images per row
+            record.setdefault("images", record.pop("file_names"))
     return records
 
 
@@ -362,6 +388,11 @@ def load_records(source, adapter=None) -> Sequence[dict]:
         )
     if _is_arrow_dataset(source):
         return AdaptedRecords(source, adapter)
+    if not hasattr(source, "__len__") and type(source).__module__.startswith("datasets"):
+        raise ValueError(
+            f"load_records got a streaming {type(source).__name__}, which would be read whole into memory with every "
+            "image decoded; load the split without streaming=True (a Dataset is read one row at a time)."
+        )
     base_dir = None
     if isinstance(source, (str, Path)):
         path = Path(source)

@@ -17,7 +17,8 @@ from .data import NormalizedRecords, prompt_messages
 
 _TRAILING = ".。!?, "
 _OPTION = re.compile(r"\(?([A-Za-z])\)?\.?")  # a whole answer that is an option letter: "B", "(B)", "B.", "b"
-_LEADING_OPTION = re.compile(r"\(?([A-Z])\)?(?:[.):,\s]|$)")  # an answer that starts with one: "(B) cat", "C, as"
+# an answer that starts with one: "(B) cat", "(b) cat", "C, as" (a bare lower-case letter is a word: "a dog")
+_LEADING_OPTION = re.compile(r"(?:\(([A-Za-z])\)|\(?([A-Z])\)?)(?:[.):,\s]|$)")
 
 
 def extract_answer(text: str, answer_prefix: str = "Answer:") -> str:
@@ -42,14 +43,15 @@ def option_letter(answer) -> str | None:
 
 
 def predicted_option_letter(prediction) -> str | None:
-    """The option letter a prediction picks: the whole prediction as in [`option_letter`], or an upper-case letter
-    that starts it, alone or before `.`, `)`, `:`, `,` or a space (`"(B) cat"`, `"C, because"`, `"A dog"`)."""
+    """The option letter a prediction picks: the whole prediction as in [`option_letter`], or a letter that starts
+    it, alone or before `.`, `)`, `:`, `,` or a space: upper case (`"(B) cat"`, `"C, because"`, `"A dog"`) or in
+    parentheses (`"(b) cat"`)."""
     text = str(prediction).strip()
     whole = option_letter(text)
     if whole is not None:
         return whole
     match = _LEADING_OPTION.match(text)
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)).upper() if match else None
 
 
 def answers_match(prediction: str, answer: str) -> bool:

@@ -21,8 +21,10 @@ from vedas_hf.eval import evaluate, markdown_table, window_images
 
 
 def load_test_records(args) -> list:
-    """The records to evaluate: the first `--num_samples` of `--dataset_path` (all of them for 0), or that many
-    samples of the bundled task's test split (which needs a positive count)."""
+    """The records to evaluate: the first `--num_samples` of `--dataset_path` (all of them for 0, the default), or
+    that many samples of the bundled task's test split (which needs a positive count; default 100)."""
+    if args.num_samples is None:
+        args.num_samples = 0 if args.dataset_path else 100
     if args.num_samples < 0 or (args.num_samples == 0 and args.dataset_path is None):
         needs = "0 (all records) or more" if args.dataset_path else "at least 1 (the bundled task has no 'all')"
         raise ValueError(f"--num_samples {args.num_samples}: pass {needs}.")
@@ -41,8 +43,8 @@ def main(argv=None):
     parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: a bundled task)")
     parser.add_argument("--task", default="digits", help="bundled task without --dataset_path: digits | shapes")
     parser.add_argument("--dataset_format", default="canonical", help=" | ".join(DATASET_FORMATS))
-    parser.add_argument("--num_samples", type=int, default=100,
-                        help="samples to evaluate (0: all records of --dataset_path; a bundled task needs >= 1)")
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help="samples to evaluate (default: all records of --dataset_path, 100 of a bundled task)")
     parser.add_argument("--num_latent_steps", type=int, default=None, help="default: the checkpoint's config")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=96)

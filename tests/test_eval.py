@@ -223,7 +223,9 @@ def test_eval_command_zero_samples_reads_the_whole_file(tmp_path):
     (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     script = load_script("eval")
     args = type("Args", (), {"dataset_path": str(tmp_path / "test.jsonl"), "dataset_format": "canonical",
-                             "num_samples": 0})()
+                             "num_samples": None})()
+    assert [r["answer"] for r in script.load_test_records(args)] == ["0", "1", "2"]  # the default: every record
+    args.num_samples = 0
     assert [r["answer"] for r in script.load_test_records(args)] == ["0", "1", "2"]
     args.num_samples = 2
     assert len(script.load_test_records(args)) == 2

@@ -169,6 +169,9 @@ def test_evaluate_rejects_empty_and_special_token_records(tiny, records):
     bad = [records[0], {"image": records[0]["image"], "question": "what is <|latent|>?", "answer": "1"}]
     with pytest.raises(ValueError, match=r"Record 1: field 'question' contains the special token string '<\|latent\|>'"):
         evaluate(model, processor, bad, progress=False)
+    thin = [records[0], records[1], {**records[2], "image": Image.new("RGB", (5, 3000))}]
+    with pytest.raises(ValueError, match=r"Record 2: image 0 \(5 x 3000 px\) is refused by the image processor"):
+        evaluate(model, processor, thin, batch_size=2, progress=False)  # before the first batch is generated
 
 
 def test_window_images_draw_the_replay_boxes(tiny, records, tmp_path):

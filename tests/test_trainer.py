@@ -102,6 +102,33 @@ def test_dataloader_workers_render_the_current_stage(tiny_dir, records, tmp_path
         assert [log["stage"] for log in trainer.state.log_history if "stage" in log] == expected
 
 
+def test_records_a_later_stage_would_refuse_fail_before_training(tiny_dir, records, tmp_path):
+    """An image the image processor refuses, and a `max_length` that fits stage 0 but not the last stage of the
+    schedule, are errors when the trainer is built (they used to stop training when that record or stage came)."""
+    from PIL import Image
+
+    from vedas_hf.data import build_stage_example, normalize_record
+    from vedas_hf.trainer import curriculum_dataset
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    thin = [*records[:3], {**records[3], "image": Image.new("RGB", (3000, 5))}]
+    with pytest.raises(ValueError, match=r"Record 3: image 0 \(3000 x 5 px\) is refused by the image processor \("
+                                         r"absolute aspect ratio must be smaller than 200.*\); crop or pad it"):
+        VedasSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_dir, trust_remote_code=True),
+                        args=make_args(tmp_path), train_dataset=thin, processing_class=processor)
+
+    def untrained_prefix(stage):  # prompt, images and latent block: the tokens before the first label
+        example = build_stage_example(normalize_record(records[0], 0), stage, processor=processor, max_latent_stage=2)
+        return next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+
+    limit = untrained_prefix(2)  # no room for a target token at the last stage (2), room at stage 0
+    assert untrained_prefix(0) < limit
+    build_stage_example(normalize_record(records[0], 0), 0, processor=processor, max_latent_stage=2, max_length=limit)
+    with pytest.raises(ValueError, match=rf"Record 0: at curriculum stage 2: .*max_length={limit}"):
+        curriculum_dataset(records[:2], processor, make_args(tmp_path, max_length=limit))
+    curriculum_dataset(records[:2], processor, make_args(tmp_path, max_length=limit, max_latent_stage=1))
+
+
 def test_mixed_image_and_text_batches_use_the_images(tiny_dir, tmp_path):
     """A batch of records with and without images, text-only first, fetched from the curriculum dataset as the
     DataLoader does: the image rows get their pixels and every row's loss equals its loss in a batch of its own."""

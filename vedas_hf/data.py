@@ -217,13 +217,14 @@ class NormalizedRecords(_RecordSequence):
 
     Building it checks every record once ([`normalize_record`]: fields, reasoning steps, readable images, each image
     decoded then dropped; with a `tokenizer`, also no special token string in `text_fields`, see
-    [`check_records_text`]). Each access normalises `source[index]` again and decodes its images, as a `datasets`
-    image column does: memory stays that of the source (image paths, a memory-mapped table), not a decoded copy of
-    every image, and a dataloader worker is sent the source, not the pixels.
+    [`check_records_text`]; with `check`, `check(record)` on each normalised record, its `ValueError` prefixed with
+    the record index). Each access normalises `source[index]` again and decodes its images, as a `datasets` image
+    column does: memory stays that of the source (image paths, a memory-mapped table), not a decoded copy of every
+    image, and a dataloader worker is sent the source, not the pixels.
     """
 
     def __init__(self, source, *, max_steps: int = 4, require_steps: bool = True, tokenizer=None,
-                 text_fields=("question", "steps", "answer")):
+                 text_fields=("question", "steps", "answer"), check=None):
         _check_max_steps(max_steps)
         if isinstance(source, dict):
             raise ValueError(
@@ -233,11 +234,16 @@ class NormalizedRecords(_RecordSequence):
         if isinstance(source, list) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
             source = list(source)  # a copy of a list (the caller may change theirs), or a one-pass iterable read once
         self.source, self.max_steps, self.require_steps = source, max_steps, require_steps
-        if tokenizer is not None:
-            check_records_text(self, tokenizer, text_fields)  # normalises (so checks) every record once
-        else:
-            for _ in self:
-                pass
+        tokens = record_special_tokens(tokenizer) if tokenizer is not None else []
+        for index, record in enumerate(self):  # normalises (so checks) every record once
+            error = _special_token_error(record, tokens, text_fields)
+            if error is None and check is not None:
+                try:
+                    check(record)
+                except ValueError as failed:
+                    error = str(failed)
+            if error is not None:
+                raise ValueError(f"Record {index}: {error}")
 
     def _read(self, index: int) -> dict:
         return normalize_record(self.source[index], index, self.max_steps, require_steps=self.require_steps)
@@ -473,6 +479,20 @@ def check_record_text(record: dict, tokenizer, fields=("question", "steps", "ans
         raise ValueError(error)
 
 
+def check_image_sizes(record: dict, processor) -> None:
+    """`ValueError` for an image of a normalised record that the processor's image processor would refuse (Qwen2-VL:
+    an aspect ratio of 200 or more), found from the image size alone."""
+    image_patches = getattr(getattr(processor, "image_processor", None), "get_number_of_image_patches", None)
+    for number, image in enumerate(record["images"] if image_patches is not None else []):
+        try:
+            image_patches(image.height, image.width, {})
+        except ValueError as error:
+            raise ValueError(
+                f"image {number} ({image.width} x {image.height} px) is refused by the image processor ({error}); crop "
+                "or pad it, or leave the record out."
+            ) from None
+
+
 def check_records_text(records, tokenizer, fields=("question", "steps", "answer")) -> None:
     """[`check_record_text`] for every normalised record (the token list built once), the error prefixed with
     `"Record {index}: "`."""
@@ -628,6 +648,7 @@ __all__ = [
     "NormalizedRecords",
     "answer_text",
     "build_stage_example",
+    "check_image_sizes",
     "check_record_text",
     "check_records_text",
     "dataset_adapter",

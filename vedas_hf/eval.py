@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import NormalizedRecords, prompt_messages
+from .data import NormalizedRecords, check_image_sizes, prompt_messages
 
 
 _TRAILING = ".。!?, "
@@ -69,10 +69,12 @@ def answers_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-def _evaluation_records(records, tokenizer) -> NormalizedRecords:
+def _evaluation_records(records, processor) -> NormalizedRecords:
     """Evaluation records, normalised as they are read (reasoning steps optional, images decoded per batch);
-    `ValueError` for an empty set, and naming the record for a question holding a special token string."""
-    records = NormalizedRecords(records, require_steps=False, tokenizer=tokenizer, text_fields=("question",))
+    `ValueError` for an empty set, and naming the record for a question holding a special token string or an image
+    the processor refuses."""
+    records = NormalizedRecords(records, require_steps=False, tokenizer=processor.tokenizer, text_fields=("question",),
+                                check=lambda record: check_image_sizes(record, processor))
     if len(records) == 0:
         raise ValueError("No records to evaluate: pass at least one record (image, question, answer).")
     return records
@@ -107,7 +109,7 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    records = _evaluation_records(records, processor.tokenizer)
+    records = _evaluation_records(records, processor)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     eos_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, NormalizedRecords, VedasDataCollator, build_stage_example
+from .data import IGNORE_INDEX, NormalizedRecords, VedasDataCollator, build_stage_example, check_image_sizes
 
 
 logger = logging.get_logger(__name__)
@@ -176,29 +176,46 @@ class VedasSFTConfig(SFTConfig):
 class StageRenderer:
     """Renders canonical records at the current curriculum `stage` (a `datasets` transform).
 
-    Every record is validated when the renderer is built, so a malformed record fails before training starts; images
-    are decoded when a record is rendered (see [`NormalizedRecords`]).
+    Every record is validated when the renderer is built, so a malformed record fails before training starts, not
+    when a later stage or epoch reaches it: its fields and images ([`NormalizedRecords`]), each image's size against
+    the image processor's limits (e.g. Qwen2-VL refuses an aspect ratio of 200 or more), and with `max_length` its
+    fit at the largest stage of the schedule (which renders every record once more). Images are decoded when a record
+    is rendered.
     """
 
     def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
-        self.records = NormalizedRecords(records, max_steps=args.max_reasoning_steps, tokenizer=processor.tokenizer)
         self.processor = processor
         self.args = args
         self.stage = stage
+        self.records = NormalizedRecords(records, max_steps=args.max_reasoning_steps, tokenizer=processor.tokenizer,
+                                         check=self._check)
+
+    def _check(self, record: dict) -> None:
+        """`ValueError` for what rendering `record` would refuse at some stage of the schedule."""
+        check_image_sizes(record, self.processor)
+        if self.args.max_length is not None:
+            last = self.args.stage_for_epoch(10**9)  # the longest latent block of the schedule
+            try:
+                self._render(record, last)
+            except ValueError as error:
+                raise ValueError(f"at curriculum stage {last}: {error}") from None
+
+    def _render(self, record: dict, stage: int) -> dict:
+        return build_stage_example(
+            record,
+            stage,
+            processor=self.processor,
+            max_latent_stage=self.args.max_latent_stage,
+            pad_latent_to_max=self.args.pad_latent_to_max,
+            use_latent_markers=self.args.use_latent_markers,
+            mode=self.args.data_mode,
+            max_length=self.args.max_length,
+        )
 
     def example(self, index: int) -> dict:
         """The tokenised example of record `index` at the current stage (a `ValueError` names the record)."""
         try:
-            return build_stage_example(
-                self.records[index],
-                self.stage,
-                processor=self.processor,
-                max_latent_stage=self.args.max_latent_stage,
-                pad_latent_to_max=self.args.pad_latent_to_max,
-                use_latent_markers=self.args.use_latent_markers,
-                mode=self.args.data_mode,
-                max_length=self.args.max_length,
-            )
+            return self._render(self.records[index], self.stage)
         except ValueError as error:
             raise ValueError(f"Record {index}: {error}") from None
 

@@ -224,6 +224,12 @@ def test_normalized_records_check_everything_up_front_and_decode_images_on_acces
     for record, image in zip(lazy, images):
         assert np.array_equal(np.asarray(record["images"][0]), np.asarray(image.convert("RGB")))
     assert lazy[0]["images"][0] is not lazy[0]["images"][0]  # decoded per access, not kept
+    # images the caller opened lazily are read from their files, not loaded (and kept) in the caller's objects
+    from PIL import Image
+
+    opened = [Image.open(tmp_path / f"{i}.png") for i in range(2)]
+    NormalizedRecords([{**records[i], "image": image} for i, image in enumerate(opened)])
+    assert all(image.fp is not None for image in opened)
     # what a dataloader worker is sent: the paths, not 6 x 128 x 128 x 3 bytes of pixels
     assert len(pickle.dumps(lazy)) < 4_000 < 6 * 128 * 128 * 3
     with pytest.raises(IndexError, match="record index 6 out of range for 6 records"):

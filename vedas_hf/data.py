@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 
 START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
@@ -90,6 +90,8 @@ def _open_image(source, name: str, index: int) -> Image.Image:
 def _load_image(image, index: int, base_dir: Path | None):
     """A record's image (a PIL image, a path, or a `datasets` `Image(decode=False)` value `{"bytes", "path"}`) as
     RGB (see [`_to_rgb`])."""
+    if isinstance(image, ImageFile.ImageFile) and image.fp is not None and image.filename:
+        image = image.filename  # opened lazily: read from its file, so the caller's object is not loaded (and kept)
     if isinstance(image, Image.Image):
         return _to_rgb(image)
     if isinstance(image, dict) and image and set(image) <= {"bytes", "path"}:

@@ -6,8 +6,9 @@
 #
 #   bash benchmarks/device_checks.sh [OUTDIR]        # OUTDIR: default $OUT (the device tool's folder), else device-results
 #
-# Environment: DEVICE (default cuda), PYTHON (default python3), BENCH_ARGS (extra flags for every benchmark, e.g.
-# "--size 2b --layers 2 --vision-depth 1 --min-time 1" to smoke-test this script on a CPU), LIMIT_TESTS,
+# Environment: DEVICE (default cuda), PYTHON (default python3), BENCH_ARGS (extra flags for every benchmark),
+# GENERATE_ARGS / MEMORY_ARGS / TRAIN_ARGS (extra flags for one of them; see benchmarks/README.md for a CPU smoke
+# test of this script), LIMIT_TESTS,
 # LIMIT_GENERATE, LIMIT_MEMORY, LIMIT_TRAIN (seconds per step; defaults 100, 150, 90, 150: with the 60 s environment
 # step at most 9 minutes, inside one 10-minute device call). Needs torch, transformers, torchvision, pytest and
 # scikit-learn (the device image has them) but not the package's other dependencies: vedas_hf is put on the path
@@ -18,6 +19,9 @@ OUTDIR=${1:-${OUT:-device-results}}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 BENCH_ARGS=${BENCH_ARGS:-}
+GENERATE_ARGS=${GENERATE_ARGS:-}
+MEMORY_ARGS=${MEMORY_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 REPO=$(pwd)
@@ -51,11 +55,14 @@ import vedas_hf.modeling, vedas_hf.testing; print('vedas_hf from', vedas_hf.__fi
 step tests "${LIMIT_TESTS:-100}" env VEDAS_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
     --rootdir "$REPO" "$REPO/tests/test_device.py"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-step generate "${LIMIT_GENERATE:-150}" "$PY" "$REPO/benchmarks/bench_generate.py" --device "$DEVICE" $BENCH_ARGS --json "$OUTDIR/generate.json"
+step generate "${LIMIT_GENERATE:-150}" "$PY" "$REPO/benchmarks/bench_generate.py" --device "$DEVICE" $BENCH_ARGS $GENERATE_ARGS \
+    --json "$OUTDIR/generate.json"
 # shellcheck disable=SC2086
-step memory "${LIMIT_MEMORY:-90}" "$PY" "$REPO/benchmarks/bench_memory.py" --device "$DEVICE" $BENCH_ARGS --json "$OUTDIR/memory.json"
+step memory "${LIMIT_MEMORY:-90}" "$PY" "$REPO/benchmarks/bench_memory.py" --device "$DEVICE" $BENCH_ARGS $MEMORY_ARGS \
+    --json "$OUTDIR/memory.json"
 # shellcheck disable=SC2086
-step train "${LIMIT_TRAIN:-150}" "$PY" "$REPO/benchmarks/bench_train.py" --device "$DEVICE" --recon-crop-size 224 $BENCH_ARGS --json "$OUTDIR/train.json"
+step train "${LIMIT_TRAIN:-150}" "$PY" "$REPO/benchmarks/bench_train.py" --device "$DEVICE" --recon-crop-size 224 $BENCH_ARGS \
+    $TRAIN_ARGS --json "$OUTDIR/train.json"
 cd "$REPO" && rm -rf "$SITE"
 echo "failed steps: $failed"
 exit "$failed"

@@ -43,9 +43,9 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
 def split_rationale(text: str, max_steps: int) -> list[str]:
-    """Split on blank lines (also `\r\n` line ends and lines holding only spaces or tabs); when there are more than
-    `max_steps` pieces, merge neighbours into `max_steps` steps of roughly equal length (in characters). `max_steps`
-    below 1 is a `ValueError`."""
+    """Split on blank lines (also with Windows CR LF line ends, and lines holding only spaces or tabs); when there are
+    more than `max_steps` pieces, merge neighbours into `max_steps` steps of roughly equal length (in characters).
+    `max_steps` below 1 is a `ValueError`."""
     _check_max_steps(max_steps)
     pieces = [p.strip() for p in _BLANK_LINE.split(text.replace("\r\n", "\n")) if p.strip()]
     if len(pieces) <= max_steps:

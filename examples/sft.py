@@ -16,8 +16,8 @@ On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with
         --per_device_train_batch_size 8
 
 Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. The demo's settings
-(`DEMO_DEFAULTS`: up to 3 latents, one epoch per stage, 8 epochs, lr 2e-3, float32, no activation checkpointing, output in
-`runs/vedas-tiny-digits`) apply only without `--dataset_path`; on the user's data every default is
+(`DEMO_DEFAULTS`: up to 3 latents, one epoch per stage, 8 epochs, lr 2e-3, float32, no activation checkpointing,
+output in `runs/vedas-tiny-digits`) apply only without `--dataset_path`; on the user's data every default is
 `VedasSFTConfig`'s (4 stages of 4 epochs, TRL's bf16 and activation checkpointing on). With `--eval_strategy steps`
 (or `epoch`) the evaluation records (`--eval_dataset_path`, or the bundled task's test split) also give the eval loss
 during training; `--resume_from_checkpoint True` continues from the last checkpoint in `--output_dir`.

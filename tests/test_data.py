@@ -138,6 +138,10 @@ def test_dataset_adapter_names_the_formats():
 
 def test_load_records_from_jsonl_resolves_relative_images(tmp_path):
     make_tiny_images(1)[0].save(tmp_path / "img.png")
+    (tmp_path / "dicts.json").write_text(json.dumps([{"question": "q", "steps": ["s"], "answer": "1",
+                                                      "images": [{"bytes": None, "path": "img.png"}]}]))
+    (record,) = load_records(tmp_path / "dicts.json")
+    assert record["images"] == [{"bytes": None, "path": str(tmp_path / "img.png")}]
     rows = [{"question": "q", "choices": ["a", "b"], "answer": "A", "rationale": "r1\n\nr2", "image": "img.png"}]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     records = load_records(tmp_path / "data.jsonl", adapter=from_m3cot)
@@ -214,6 +218,36 @@ def test_images_are_read_as_the_model_should_see_them(tmp_path):
         read({"bytes": b"not an image", "path": None})
 
 
+def test_image_values_that_are_easy_to_get_wrong(tmp_path):
+    """Pickled lazily opened images (dataloader workers), a selected GIF frame, unreadable EXIF on an edited JPEG,
+    8-bit values in mode "I", and malformed `{"bytes", "path"}` values."""
+    import pickle
+
+    from PIL import Image
+
+    def read(image):
+        return normalize_record({"image": image, "question": "q", "steps": ["a"], "answer": "1"}, 4)["images"][0]
+
+    Image.new("RGB", (4, 4), (10, 200, 30)).save(tmp_path / "green.png")
+    lazy = NormalizedRecords([{"image": Image.open(tmp_path / "green.png"), "question": "q", "steps": ["a"],
+                               "answer": "1"}])
+    assert pickle.loads(pickle.dumps(lazy))[0]["images"][0].getpixel((0, 0)) == (10, 200, 30)
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+    gif = Image.open(tmp_path / "two.gif")
+    gif.seek(1)
+    assert read(gif).getpixel((0, 0)) == (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 4)).save(tmp_path / "bad_exif.jpg", exif=exif.tobytes()[:12])
+    assert read(Image.open(tmp_path / "bad_exif.jpg").resize((16, 8))).size == (16, 8)
+    assert read(Image.fromarray(np.full((2, 2), 200, np.int32))).getpixel((0, 0)) == (200, 200, 200)
+    with pytest.raises(ValueError, match=r"Record 4: an image value .* needs bytes or a path, got bytes of type list"):
+        read({"bytes": [1, 2], "path": None})
+    with pytest.raises(ValueError, match=r"Record 4: an image value .* got bytes of type NoneType and path None"):
+        read({"bytes": None, "path": None})
+
+
 def test_normalized_records_check_everything_up_front_and_decode_images_on_access(tmp_path, processor):
     import pickle
 
@@ -234,6 +268,12 @@ def test_normalized_records_check_everything_up_front_and_decode_images_on_acces
     assert len(pickle.dumps(lazy)) < 4_000 < 6 * 128 * 128 * 3
     with pytest.raises(IndexError, match="record index 6 out of range for 6 records"):
         lazy[6]
+    with pytest.raises(IndexError, match="record index -7 out of range for 6 records"):
+        lazy[-7]
+    import pandas
+
+    with pytest.raises(ValueError, match=r"pandas DataFrame; pass its records: df.to_dict\('records'\)"):
+        NormalizedRecords(pandas.DataFrame(records))
     # every record is checked when it is built: fields, images, special token strings
     (tmp_path / "3.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="Record 3: cannot read image"):

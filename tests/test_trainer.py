@@ -127,6 +127,9 @@ def test_records_a_later_stage_would_refuse_fail_before_training(tiny_dir, recor
     with pytest.raises(ValueError, match=rf"Record 0: at curriculum stage 2: .*max_length={limit}"):
         curriculum_dataset(records[:2], processor, make_args(tmp_path, max_length=limit))
     curriculum_dataset(records[:2], processor, make_args(tmp_path, max_length=limit, max_latent_stage=1))
+    # a schedule that ends before the last stage is checked at the stage it ends at (here 1 epoch: stage 0)
+    assert make_args(tmp_path, num_train_epochs=1).last_stage == 0 and make_args(tmp_path).last_stage == 2
+    curriculum_dataset(records[:2], processor, make_args(tmp_path, max_length=limit, num_train_epochs=1))
 
 
 def test_mixed_image_and_text_batches_use_the_images(tiny_dir, tmp_path):

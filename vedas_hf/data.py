@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import operator
+import struct
 import re
 import sys
 from collections.abc import Sequence
@@ -65,12 +66,15 @@ def split_rationale(text: str, max_steps: int) -> list[str]:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of `image` as the model should see it: EXIF orientation applied (as `datasets` decodes images),
-    16- and 32-bit greyscale scaled to 8 bits (a plain conversion clips them to white), transparency composited onto
-    white (as transformers' image processors do; dropping the alpha channel would leave what is under it, often
-    black)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    """An RGB copy of `image` as the model should see it: EXIF orientation applied (as `datasets` decodes images;
+    unreadable EXIF is ignored), 16- and 32-bit greyscale with values above 255 scaled to 8 bits (a plain conversion
+    clips them to white), transparency composited onto white (as transformers' image processors do; dropping the
+    alpha channel would leave what is under it, often black)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, struct.error):  # unreadable EXIF: the pixels are still fine
+        pass
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N") and image.getextrema()[1] > 255:
         scaled = (np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255)
         image = Image.fromarray(scaled.astype(np.uint8))
     if "A" in image.getbands() or "transparency" in image.info:
@@ -90,14 +94,20 @@ def _open_image(source, name: str, index: int) -> Image.Image:
 def _load_image(image, index: int, base_dir: Path | None):
     """A record's image (a PIL image, a path, or a `datasets` `Image(decode=False)` value `{"bytes", "path"}`) as
     RGB (see [`_to_rgb`])."""
-    if isinstance(image, ImageFile.ImageFile) and image.fp is not None and image.filename:
+    lazy = isinstance(image, ImageFile.ImageFile) and getattr(image, "fp", None) is not None
+    if lazy and image.filename and image.tell() == 0:
         image = image.filename  # opened lazily: read from its file, so the caller's object is not loaded (and kept)
     if isinstance(image, Image.Image):
         return _to_rgb(image)
     if isinstance(image, dict) and image and set(image) <= {"bytes", "path"}:
-        if image.get("bytes") is not None:
+        if isinstance(image.get("bytes"), (bytes, bytearray, memoryview)):
             return _open_image(io.BytesIO(image["bytes"]), image.get("path") or "<image bytes>", index)
-        image = image.get("path")
+        if image.get("bytes") is not None or image.get("path") is None:
+            raise ValueError(
+                f"Record {index}: an image value {{'bytes', 'path'}} needs bytes or a path, got bytes of type "
+                f"{type(image.get('bytes')).__name__} and path {image.get('path')!r}."
+            )
+        image = image["path"]
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
@@ -205,10 +215,10 @@ class _RecordSequence(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = operator.index(index)
-        index = index + len(self) if index < 0 else index
-        if not 0 <= index < len(self):
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
-        return self._read(index)
+        return self._read(position)
 
     def __iter__(self):
         return (self[index] for index in range(len(self)))
@@ -233,8 +243,10 @@ class NormalizedRecords(_RecordSequence):
                 f"Expected a sequence of records, got a dict with keys {list(source)[:5]} (a dict of splits?); pass "
                 "one split's records, e.g. dataset['train']."
             )
-        if isinstance(source, list) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-            source = list(source)  # a copy of a list (the caller may change theirs), or a one-pass iterable read once
+        if hasattr(source, "to_dict") and hasattr(source, "columns"):
+            raise ValueError("Got a pandas DataFrame; pass its records: df.to_dict('records').")
+        if isinstance(source, list) or not (isinstance(source, Sequence) or _is_arrow_dataset(source)):
+            source = list(source)  # a copy of a list (the caller may change theirs), or any other iterable read once
         self.source, self.max_steps, self.require_steps = source, max_steps, require_steps
         tokens = record_special_tokens(tokenizer) if tokenizer is not None else []
         for index, record in enumerate(self):  # normalises (so checks) every record once
@@ -378,6 +390,15 @@ def _read_image_folder(folder: Path) -> list:
     return records
 
 
+def _resolved(image, base_dir: Path):
+    """A relative image path (a string, or the `path` of a `{"bytes", "path"}` value) made relative to `base_dir`."""
+    if isinstance(image, str) and not Path(image).is_absolute():
+        return str(base_dir / image)
+    if isinstance(image, dict) and isinstance(image.get("path"), str) and not Path(image["path"]).is_absolute():
+        return {**image, "path": str(base_dir / image["path"])}
+    return image
+
+
 def _is_arrow_dataset(source) -> bool:
     datasets = sys.modules.get("datasets")  # a `datasets.Dataset` means the package is imported
     return datasets is not None and isinstance(source, datasets.Dataset)
@@ -416,14 +437,10 @@ def load_records(source, adapter=None) -> Sequence[dict]:
     records = [adapter(dict(r), i) if adapter else dict(r) for i, r in enumerate(source)]
     if base_dir is not None:
         for record in records:
-            for key in ("image",):
-                if isinstance(record.get(key), str) and not Path(record[key]).is_absolute():
-                    record[key] = str(base_dir / record[key])
+            if "image" in record:
+                record["image"] = _resolved(record["image"], base_dir)
             if isinstance(record.get("images"), list):
-                record["images"] = [
-                    str(base_dir / i) if isinstance(i, str) and not Path(i).is_absolute() else i
-                    for i in record["images"]
-                ]
+                record["images"] = [_resolved(image, base_dir) for image in record["images"]]
     return records
 
 

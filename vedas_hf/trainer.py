@@ -164,6 +164,14 @@ class VedasSFTConfig(SFTConfig):
         """`"cot"`, `"no_cot"` or `"latent"`."""
         return "cot" if self.cot_baseline else "no_cot" if self.no_cot_baseline else "latent"
 
+    @property
+    def last_stage(self) -> int:
+        """The last stage of the schedule: from `num_train_epochs`, or `max_latent_stage` with `max_steps` (whose
+        epoch count depends on the data; the trainer warns at the start of training if it ends earlier)."""
+        if self.max_steps is not None and self.max_steps > 0:
+            return self.stage_for_epoch(10**9)
+        return self.stage_for_epoch(max(math.ceil(self.num_train_epochs), 1) - 1)
+
     def stage_for_epoch(self, epoch: int) -> int:
         """Curriculum stage of (0-based) `epoch`."""
         if self.data_mode != "latent":
@@ -194,7 +202,7 @@ class StageRenderer:
         """`ValueError` for what rendering `record` would refuse at some stage of the schedule."""
         check_image_sizes(record, self.processor)
         if self.args.max_length is not None:
-            last = self.args.stage_for_epoch(10**9)  # the longest latent block of the schedule
+            last = self.args.last_stage  # the longest latent block of the schedule
             try:
                 self._render(record, last)
             except ValueError as error:
@@ -214,8 +222,9 @@ class StageRenderer:
 
     def example(self, index: int) -> dict:
         """The tokenised example of record `index` at the current stage (a `ValueError` names the record)."""
+        record = self.records[index]  # its errors name the record already
         try:
-            return self._render(self.records[index], self.stage)
+            return self._render(record, self.stage)
         except ValueError as error:
             raise ValueError(f"Record {index}: {error}") from None
 

@@ -33,7 +33,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import TrlParser
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records, normalize_record
+from vedas_hf.data import DATASET_FORMATS, NormalizedRecords, dataset_adapter, load_records
 from vedas_hf.eval import evaluate
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 
@@ -102,11 +102,10 @@ def validate_records(records, training_args, source: str, require_steps: bool = 
     """Check every record as training will (fields, reasoning steps, readable images), so a malformed file fails
     before the model is loaded; `ValueError` naming `source`, the record index and the field. The normalised copies
     are dropped (the trainer normalises again), so memory stays that of the raw records."""
-    for index, record in enumerate(records):
-        try:
-            normalize_record(record, index, max_steps=training_args.max_reasoning_steps, require_steps=require_steps)
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+    try:
+        NormalizedRecords(records, max_steps=training_args.max_reasoning_steps, require_steps=require_steps)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def load_model(script_args, training_args):

@@ -229,7 +229,7 @@ class NormalizedRecords(_RecordSequence):
 
     Building it checks every record once ([`normalize_record`]: fields, reasoning steps, readable images, each image
     decoded then dropped; with a `tokenizer`, also no special token string in `text_fields`, see
-    [`check_records_text`]; with `check`, `check(record)` on each normalised record, its `ValueError` prefixed with
+    [`check_record_text`]; with `check`, `check(record)` on each normalised record, its `ValueError` prefixed with
     the record index). Each access normalises `source[index]` again and decodes its images, as a `datasets` image
     column does: memory stays that of the source (image paths, a memory-mapped table), not a decoded copy of every
     image, and a dataloader worker is sent the source, not the pixels.
@@ -245,7 +245,7 @@ class NormalizedRecords(_RecordSequence):
             )
         if hasattr(source, "to_dict") and hasattr(source, "columns"):
             raise ValueError("Got a pandas DataFrame; pass its records: df.to_dict('records').")
-        if isinstance(source, list) or not (isinstance(source, Sequence) or _is_arrow_dataset(source)):
+        if isinstance(source, list) or not (isinstance(source, Sequence) or _is_datasets(source)):
             source = list(source)  # a copy of a list (the caller may change theirs), or any other iterable read once
         self.source, self.max_steps, self.require_steps = source, max_steps, require_steps
         tokens = record_special_tokens(tokenizer) if tokenizer is not None else []
@@ -399,9 +399,10 @@ def _resolved(image, base_dir: Path):
     return image
 
 
-def _is_arrow_dataset(source) -> bool:
-    datasets = sys.modules.get("datasets")  # a `datasets.Dataset` means the package is imported
-    return datasets is not None and isinstance(source, datasets.Dataset)
+def _is_datasets(source, class_name: str = "Dataset") -> bool:
+    """Whether `source` is a `datasets.<class_name>` (without importing `datasets`: an instance means it is)."""
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(source, getattr(datasets, class_name))
 
 
 def load_records(source, adapter=None) -> Sequence[dict]:
@@ -415,9 +416,9 @@ def load_records(source, adapter=None) -> Sequence[dict]:
             f"load_records got a {type(source).__name__} with keys {list(source)}, not a sequence of records; pass one "
             "split, e.g. dataset['train']."
         )
-    if _is_arrow_dataset(source):
+    if _is_datasets(source):
         return AdaptedRecords(source, adapter)
-    if not hasattr(source, "__len__") and type(source).__module__.startswith("datasets"):
+    if _is_datasets(source, "IterableDataset"):
         raise ValueError(
             f"load_records got a streaming {type(source).__name__}, which would be read whole into memory with every "
             "image decoded; load the split without streaming=True (a Dataset is read one row at a time)."
@@ -510,16 +511,6 @@ def check_image_sizes(record: dict, processor) -> None:
                 f"image {number} ({image.width} x {image.height} px) is refused by the image processor ({error}); crop "
                 "or pad it, or leave the record out."
             ) from None
-
-
-def check_records_text(records, tokenizer, fields=("question", "steps", "answer")) -> None:
-    """[`check_record_text`] for every normalised record (the token list built once), the error prefixed with
-    `"Record {index}: "`."""
-    tokens = record_special_tokens(tokenizer)
-    for index, record in enumerate(records):
-        error = _special_token_error(record, tokens, fields)
-        if error is not None:
-            raise ValueError(f"Record {index}: {error}")
 
 
 def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
@@ -669,7 +660,6 @@ __all__ = [
     "build_stage_example",
     "check_image_sizes",
     "check_record_text",
-    "check_records_text",
     "dataset_adapter",
     "from_m3cot",
     "from_scienceqa",

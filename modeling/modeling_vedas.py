@@ -727,9 +727,14 @@ class VedasForConditionalGenerationMixin:
         scores = top.values.masked_fill(~index_valid, float("-inf"))
         weights = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid
         visual = _gather_tokens(prompt_embeds, visual_pos.gather(1, index))  # (B, K, hidden)
-        weighted = weights.unsqueeze(-1).to(visual.dtype) * visual
+        weights = weights.unsqueeze(-1).to(visual.dtype)  # (B, K, 1)
+        weighted = weights * visual
+        # b(t) = Pool(B(t)), the TokenSR input. Its target is the vision tower's own encoding of the crop, so by default
+        # the visual features enter it as values only: the loss cannot lower itself by degrading the tower's features
+        # (it reaches the saliency weights, and through them every layer's queries and keys, and TokenSR).
+        pooled_visual = visual if self.config.recon_grad_to_vision else visual.detach()
         count = index_valid.sum(dim=1, keepdim=True).clamp(min=1)
-        pooled = weighted.sum(dim=1) / count.to(weighted.dtype)
+        pooled = (weights * pooled_visual).sum(dim=1) / count.to(visual.dtype)  # (B, hidden)
         if self.config.replay_mode == "soft_mix":
             return weighted.sum(dim=1, keepdim=True), index_valid.any(dim=1, keepdim=True), index, index_valid, pooled
         return weighted, index_valid, index, index_valid, pooled
@@ -738,7 +743,7 @@ class VedasForConditionalGenerationMixin:
 
     def _implicit_phase(
         self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, step_active,
-        compute_recon=False,
+        compute_recon=False, latent_inputs="hidden",
     ) -> ImplicitPhase:
         """Prompt prefill and `step_active.shape[1]` latent steps with visual replay, against one KV cache.
 
@@ -747,6 +752,8 @@ class VedasForConditionalGenerationMixin:
             attention_mask: `(batch, prompt_len)`.
             step_active: `(batch, steps)` bool, which rows run each latent step (ragged latent counts).
             compute_recon: also compute the reconstruction loss of every step (needs `pixel_values`).
+            latent_inputs: `"hidden"` (eq. 1: each latent's input is the previous pass's last hidden state) or
+                `"zeros"` (a probe: zero vectors instead, so the latents carry no computed state).
         """
         config = self.config
         attention_mask = attention_mask.long()
@@ -769,6 +776,8 @@ class VedasForConditionalGenerationMixin:
         for step in range(step_active.shape[1]):
             active = step_active[:, step]
             latent = last_hidden.unsqueeze(1).to(prompt_embeds.dtype)  # eq. 1
+            if latent_inputs == "zeros":
+                latent = torch.zeros_like(latent)
             chunk, chunk_valid, replay_columns = latent, active[:, None], None
             if top_k > 0:
                 tokens, tokens_valid, index, index_valid, pooled = self._replay_tokens(
@@ -977,6 +986,7 @@ class VedasForConditionalGenerationMixin:
         image_grid_thw=None,
         mm_token_type_ids=None,
         num_latent_steps=None,
+        latent_inputs="hidden",
         **kwargs,
     ):
         r"""Latent reasoning, then the stock generation loop.
@@ -990,6 +1000,9 @@ class VedasForConditionalGenerationMixin:
             generation_config: a [`GenerationConfig`], as in stock `generate` (second positional argument).
             num_latent_steps: latent steps T; if None, `num_latent_steps` of the passed or the model's generation
                 config if set there, else `config.num_latent_steps`.
+            latent_inputs: `"hidden"` (default, eq. 1) feeds each latent step the previous pass's last hidden
+                state; `"zeros"` feeds zero vectors instead (an ablation probe: does the model use what the latents
+                compute, or only the extra positions and the replayed tokens?).
         Returns:
             Like the stock `generate`: `(batch, prompt_len + new)` ids (prompt then answer), or a
             `GenerateOutput` whose `latent_trace` lists, per step and row, the replayed visual-token indices and
@@ -1003,6 +1016,8 @@ class VedasForConditionalGenerationMixin:
                 "attention_mask and the other processor outputs by keyword (**inputs)."
             )
         steps = self._num_latent_steps(num_latent_steps, generation_config)
+        if latent_inputs not in ("hidden", "zeros"):
+            raise ValueError(f"latent_inputs={latent_inputs!r} is not supported; use 'hidden' (eq. 1) or 'zeros'.")
         if input_ids is not None:
             self._check_prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, kwargs)
         stock_inputs = dict(
@@ -1023,7 +1038,7 @@ class VedasForConditionalGenerationMixin:
         with torch.inference_mode():
             phase = self._implicit_phase(
                 prompt_ids, prompt_mask, pixel_values, image_grid_thw, prompt_types,
-                torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device),
+                torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device), latent_inputs=latent_inputs,
             )
         placeholder = self.config.latent_token_id
         placeholder = self.config.end_latent_token_id if placeholder is None else placeholder

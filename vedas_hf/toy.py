@@ -30,14 +30,17 @@ from PIL import Image
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
 
-def _digit_pools(seed: int, test_fraction: float):
+def _digit_pools(seed: int, test_fraction: float, validation_fraction: float = 0.0):
+    """Scans and labels, then disjoint pools of scan indices: train, validation (a share of the non-test scans;
+    empty when `validation_fraction` is 0) and test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     order = list(range(len(digits.target)))
     random.Random(seed).shuffle(order)
     cut = int(len(order) * (1 - test_fraction))
-    return digits.images, digits.target, order[:cut], order[cut:]
+    held = int(cut * validation_fraction)
+    return digits.images, digits.target, order[: cut - held], order[cut - held : cut], order[cut:]
 
 
 def _render(scans, digit_size: int, rows: int, rng: random.Random) -> Image.Image:
@@ -92,7 +95,7 @@ def make_digit_arithmetic(
     *,
     seed: int = 0,
     num_digits: int = 3,
-    digit_size: int = 8,
+    digit_size: int = 16,
     rows: int = 2,
     test_fraction: float = 0.2,
 ) -> tuple[list[dict], list[dict]]:
@@ -100,10 +103,20 @@ def make_digit_arithmetic(
 
     Args:
         num_digits: digits per image (3: `(a + b) * c mod 10`; otherwise the sum mod 10), at most 5.
-        digit_size: side of each tile in pixels (8 keeps the 8x8 scans as they are; larger sizes upscale them).
+        digit_size: side of each tile in pixels (8 keeps the 8x8 scans as they are; larger sizes upscale them). The
+            default 16 makes each digit 2 x 2 merged visual tokens with the tiny checkpoints of `vedas_hf.testing`.
         rows: tile rows; each digit sits in a random one (1: digits side by side on one row).
         test_fraction: share of source scans reserved for the test split.
     """
+    splits = _digit_splits({"train": n_train, "test": n_test}, seed=seed, num_digits=num_digits,
+                           digit_size=digit_size, rows=rows, test_fraction=test_fraction)
+    return splits["train"], splits["test"]
+
+
+def _digit_splits(sizes: dict, *, seed, num_digits=3, digit_size=16, rows=2, test_fraction=0.2,
+                  validation_fraction=0.0) -> dict:
+    """`{split: records}` for `sizes` `{split: n}` over "train", "validation", "test"; each split draws its digits
+    from its own pool of source scans."""
     if not 2 <= num_digits <= len(ORDINALS):
         raise ValueError(f"num_digits={num_digits} must be between 2 and {len(ORDINALS)}.")
     if digit_size < 8:
@@ -112,11 +125,13 @@ def make_digit_arithmetic(
         raise ValueError(f"rows={rows} must be >= 1.")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
-    images, labels, train_pool, test_pool = _digit_pools(seed, test_fraction)
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
+    images, labels, *pools = _digit_pools(seed, test_fraction, validation_fraction)
+    pools = dict(zip(("train", "validation", "test"), pools))
     rng = random.Random(seed + 1)
-    train = _samples(n_train, train_pool, images, labels, rng, num_digits, digit_size, rows)
-    test = _samples(n_test, test_pool, images, labels, rng, num_digits, digit_size, rows)
-    return train, test
+    return {split: _samples(n, pools[split], images, labels, rng, num_digits, digit_size, rows)
+            for split, n in sizes.items()}
 
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -207,19 +222,37 @@ def make_shape_panels(
         panel_size: side of each panel in pixels (the 64x64 renders are box-downsampled); 16 gives 2x2 visual
             tokens per panel with the tiny checkpoints of `vedas_hf.testing`.
     """
+    splits = _shape_splits({"train": n_train, "test": n_test}, seed=seed, num_panels=num_panels,
+                           panel_size=panel_size)
+    return splits["train"], splits["test"]
+
+
+def _shape_splits(sizes: dict, *, seed, num_panels=3, panel_size=16, validation_fraction=0.0) -> dict:
+    """`{split: records}` for `sizes` `{split: n}` over "train", "validation", "test": the validation panels are a
+    share of easy-VQA's train renders (held out of the train split), the test panels its test renders."""
     if not 2 <= num_panels <= 9:
         raise ValueError(f"num_panels={num_panels} must be between 2 and 9.")
     if not 8 <= panel_size <= 64:
         raise ValueError(f"panel_size={panel_size} must be between 8 and 64 (the easy-VQA renders are 64x64).")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
     rng = random.Random(seed)
-    splits = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        pool = _shape_pool(split, panel_size) if n else ([], [])  # decoding a split's PNGs takes seconds
-        splits.append(_shape_samples(n, *pool, rng, num_panels, panel_size))
-    return splits[0], splits[1]
+    out = {}
+    for split, n in sizes.items():
+        source = "test" if split == "test" else "train"
+        images, labels = _shape_pool(source, panel_size) if n else ([], [])  # decoding PNGs takes seconds
+        if source == "train" and validation_fraction and n:
+            order = list(range(len(labels)))
+            random.Random(seed).shuffle(order)
+            held = int(len(order) * validation_fraction)
+            keep = sorted(order[:held]) if split == "validation" else sorted(order[held:])
+            images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+        out[split] = _shape_samples(n, images, labels, rng, num_panels, panel_size)
+    return out
 
 
 TASKS = {"digits": make_digit_arithmetic, "shapes": make_shape_panels}
+_TASK_SPLITS = {"digits": _digit_splits, "shapes": _shape_splits}
 # Reader pretraining epochs per task: the shapes reader learns slower (it names 36% of the test panels' colour and
 # shape words after 8 epochs and 57% after 16, still rising), so it gets more.
 READER_EPOCHS = {"digits": 8, "shapes": 32}
@@ -230,6 +263,22 @@ def make_task(task: str, n_train: int, n_test: int, *, seed: int = 0, **task_kwa
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not a bundled task; choose one of {sorted(TASKS)}.")
     return TASKS[task](n_train, n_test, seed=seed, **task_kwargs)
+
+
+def make_task_splits(task: str, n_train: int, n_validation: int, n_test: int, *, seed: int = 0,
+                     validation_fraction: float = 0.15, **task_kwargs) -> dict:
+    """Train, validation and test splits of a bundled task: `{"train", "validation", "test"}` -> records.
+
+    The validation split is carved from the training data: its digits (or shape renders) come from a share
+    `validation_fraction` of the training source images, held out of the train split, so hyperparameters can be
+    chosen on unseen images without touching the test split.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not a bundled task; choose one of {sorted(TASKS)}.")
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1).")
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    return _TASK_SPLITS[task](sizes, seed=seed, validation_fraction=validation_fraction, **task_kwargs)
 
 
 def reading_records(records: list[dict]) -> list[dict]:
@@ -312,5 +361,5 @@ def pretrain_reader(
 
 
 __all__ = [
-    "make_digit_arithmetic", "make_shape_panels", "make_task", "pretrain_reader", "reading_records", "toy_sft_config",
+    "make_digit_arithmetic", "make_shape_panels", "make_task", "make_task_splits", "pretrain_reader", "reading_records", "toy_sft_config",
 ]

@@ -60,6 +60,11 @@ class VedasSFTConfig(SFTConfig):
             Side in pixels of the square each reconstruction crop is resized to before it is re-encoded (a multiple
             of the vision tower's `patch_size * spatial_merge_size`); `None` keeps the model config's
             `recon_crop_size` (by default: crops resized to their image's size). Sets the model config's field.
+        vedas_lr_multiplier (`float`, *optional*, defaults to `1.0`):
+            The modules Vedas adds to the backbone (the routers with their gates e(d), and TokenSR) train at
+            `learning_rate * vedas_lr_multiplier`. The gates start at zero (so a converted checkpoint equals the stock
+            model) and their gradient is small next to the backbone's; a larger rate lets routing leave that start
+            within a short fine-tune.
         cot_baseline (`bool`, *optional*, defaults to `False`):
             Evaluation baseline: train on the full explicit reasoning chain, never latents.
         no_cot_baseline (`bool`, *optional*, defaults to `False`):
@@ -93,6 +98,9 @@ class VedasSFTConfig(SFTConfig):
     recon_crop_size: int | None = field(
         default=None, metadata={"help": "Re-encode reconstruction crops at N x N pixels (None: model config)."}
     )
+    vedas_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "Learning-rate multiplier for the routers (gates included) and TokenSR."}
+    )
     cot_baseline: bool = field(default=False, metadata={"help": "Train on explicit CoT only (baseline)."})
     no_cot_baseline: bool = field(default=False, metadata={"help": "Train on answers only (baseline)."})
     pad_latent_to_max: bool = field(default=True, metadata={"help": "Always use `stage` latents."})
@@ -122,6 +130,8 @@ class VedasSFTConfig(SFTConfig):
             raise ValueError(f"max_latent_stage={self.max_latent_stage} must be >= 0.")
         if self.recon_loss_weight is not None and self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight} must be >= 0.")
+        if not isinstance(self.vedas_lr_multiplier, (int, float)) or not self.vedas_lr_multiplier > 0:
+            raise ValueError(f"vedas_lr_multiplier={self.vedas_lr_multiplier!r} must be a number > 0.")
         if self.recon_crop_size is not None and self.recon_crop_size < 1:
             raise ValueError(f"recon_crop_size={self.recon_crop_size} must be >= 1 pixels (or None).")
         for name in ("packing", "padding_free"):
@@ -403,6 +413,24 @@ class VedasSFTTrainer(SFTTrainer):
             if self.sigterm_callback is not None:
                 self.sigterm_callback.restore()
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; the parameters of the modules Vedas adds (routers, TokenSR) then move to groups of
+        their own at `learning_rate * vedas_lr_multiplier` (same weight decay as the group they leave)."""
+        optimizer = super().create_optimizer(model)
+        multiplier = self.args.vedas_lr_multiplier
+        if multiplier == 1 or not isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        added = {id(p) for p in vedas_added_parameters(self.model if model is None else model)}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in added]
+            if not moved:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in added]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                       "lr": group["lr"] * multiplier})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
+
     def _vedas_model(self):
         """The Vedas model itself (under a PEFT wrapper when there is one)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -543,6 +571,21 @@ class VedasSFTTrainer(SFTTrainer):
                 "config that wrote it."
             )
         model.tie_weights()
+
+
+VEDAS_MODULE_CLASSES = ("VedasRouter", "TokenSR")
+
+
+def vedas_added_parameters(model) -> list:
+    """The trainable parameters of the modules Vedas adds to a backbone (routers with their gates, TokenSR), found by
+    class name so that models loaded as remote code (their own copy of the classes) count too."""
+    found = {}
+    for module in model.modules():
+        if type(module).__name__ in VEDAS_MODULE_CLASSES:
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    found[id(parameter)] = parameter
+    return list(found.values())
 
 
 def saved_key_map(model) -> dict[str, str]:

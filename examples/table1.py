@@ -69,6 +69,14 @@ SELECT_GRID = {"recon_loss_weight": (0.2, 1.0), "vedas_lr_multiplier": (1.0, 10.
 # K = 4 replays one object's worth per step, W = 2 crops one object, and alpha = 2 selects within every latent chunk
 # (K + 1 = 5 tokens) as well as in the prompt.
 TASK_VEDAS_CONFIG = {"replay_top_k": 4, "recon_window": 2, "router_top_k": 2}
+# Per task: generator settings (`vedas_hf.toy`), T_r (latent steps of the last stage) and reader epochs. Digits: two
+# digits and their sum mod 10 (steps: read, read, add); the latents replace the two reading steps (with all three
+# steps latent the tiny model stays at chance, like No-CoT: see docs/results.md). Shapes: three panels, one reading
+# step each, then the count; the latents replace the reading steps.
+TASK_SETTINGS = {
+    "digits": {"task": {"num_digits": 2}, "max_latent_stage": 2, "reader_epochs": 8},
+    "shapes": {"task": {}, "max_latent_stage": 3, "reader_epochs": 16},
+}
 
 
 def parse_args(argv=None):
@@ -80,11 +88,12 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--select", action="store_true", help="run the validation search instead of the table")
     parser.add_argument("--num_train_samples", type=int, default=2000)
-    parser.add_argument("--num_validation_samples", type=int, default=300)
+    parser.add_argument("--num_validation_samples", type=int, default=500)
     parser.add_argument("--num_test_samples", type=int, default=500)
     parser.add_argument("--num_reader_samples", type=int, default=4000, help="reading pretraining samples")
-    parser.add_argument("--reader_epochs", type=int, default=None, help="default: the task's (vedas_hf.toy)")
-    parser.add_argument("--max_latent_stage", type=int, default=3, help="T_r, latent steps of the final stage")
+    parser.add_argument("--reader_epochs", type=int, default=None, help="default: the task's (TASK_SETTINGS)")
+    parser.add_argument("--max_latent_stage", type=int, default=None,
+                        help="T_r, latent steps of the final stage (default: the task's, TASK_SETTINGS)")
     parser.add_argument("--epochs_per_stage", type=int, default=1)
     parser.add_argument("--num_train_epochs", type=int, default=6,
                         help="epochs of every variant; the latent ones stay at the last stage once they reach it")
@@ -103,6 +112,9 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.output_dir = args.output_dir or f"runs/table1-{args.task}"
+    for name in ("max_latent_stage", "reader_epochs"):
+        if getattr(args, name) is None:
+            setattr(args, name, TASK_SETTINGS[args.task][name])
     return args
 
 
@@ -129,13 +141,19 @@ def full_method_settings(args) -> dict:
     return settings
 
 
+def task_kwargs(args) -> dict:
+    """The bundled task's generator settings used by this protocol (`TASK_SETTINGS`)."""
+    return dict(TASK_SETTINGS[args.task]["task"])
+
+
 def reader_for_seed(args, seed: int) -> str:
     """The seed's reader checkpoint (trained once, then reused)."""
     folder = os.path.join(args.output_dir, f"seed{seed}", "reader")
     final = os.path.join(folder, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         return final
-    return pretrain_reader(folder, task=args.task, num_samples=args.num_reader_samples, epochs=args.reader_epochs,
+    return pretrain_reader(folder, task=args.task, task_kwargs=task_kwargs(args), num_samples=args.num_reader_samples,
+                           epochs=args.reader_epochs,
                            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                            num_latent_steps=args.max_latent_stage, **TASK_VEDAS_CONFIG)
 
@@ -209,7 +227,8 @@ def reading_accuracy(reader, records, args) -> dict:
 def select(args):
     """Grid over `SELECT_GRID` for the full method, seed 0, scored on the validation split."""
     seed = args.seeds[0]
-    splits = make_task_splits(args.task, args.num_train_samples, args.num_validation_samples, 0, seed=seed)
+    splits = make_task_splits(args.task, args.num_train_samples, args.num_validation_samples, 0, seed=seed,
+                              **task_kwargs(args))
     reader = reader_for_seed(args, seed)
     scores = []
     for values in itertools.product(*SELECT_GRID.values()):
@@ -281,10 +300,15 @@ def markdown(rows: dict, results: dict, seeds: list, header: str) -> str:
         lines += ["", "Router diagnostics of the full method (mean over seeds):", "",
                   "| mean abs gate e(d) | share of implicit-phase tokens refined | test CE | CE routers off | "
                   "accuracy (%) | accuracy routers off (%) |", "|---:|---:|---:|---:|---:|---:|",
-                  "| " + " | ".join(f"{sum(d[k] for d in diag) / len(diag) * s:.{p}f}" for k, s, p in (
+                  "| " + " | ".join(f"{sum(_value(d, k) for d in diag) / len(diag) * s:.{p}f}" for k, s, p in (
                       ("gate_abs_mean_all", 1, 4), ("refined_share", 1, 3), ("ce", 1, 4), ("ce_routers_off", 1, 4),
                       ("accuracy", 100, 1), ("accuracy_routers_off", 100, 1))) + " |"]
     return "\n".join(lines)
+
+
+def _value(diagnostics: dict, key: str) -> float:
+    value = diagnostics[key]
+    return value["mean"] if isinstance(value, dict) else value
 
 
 def _commit() -> str:
@@ -302,9 +326,13 @@ def main(argv=None):
         return select(args)
     start = time.perf_counter()
     settings = full_method_settings(args)
+    # the lambda row equal to the full method's lambda is the full method itself: not trained twice
+    args.variants = [v for v in args.variants
+                     if not (v.startswith("lambda-") and float(v.split("-", 1)[1]) == settings["recon_loss_weight"])]
     results, readers = {}, {}
     for seed in args.seeds:
-        splits = make_task_splits(args.task, args.num_train_samples, 0, args.num_test_samples, seed=seed)
+        splits = make_task_splits(args.task, args.num_train_samples, 0, args.num_test_samples, seed=seed,
+                                  **task_kwargs(args))
         reader = reader_for_seed(args, seed)
         reading_path = os.path.join(args.output_dir, f"seed{seed}", "reading.json")
         if not os.path.exists(reading_path):

@@ -96,6 +96,7 @@ def evaluate(
     max_new_tokens: int = 64,
     answer_prefix: str = "Answer:",
     progress: bool = True,
+    **generate_kwargs,
 ) -> dict:
     """Accuracy, mean AR steps and mean seconds per sample of greedy generation on `records`.
 
@@ -103,6 +104,7 @@ def evaluate(
         records: canonical records (dicts with `image`/`images`, `question`, `answer`; `steps` / `rationale` are
             not needed), at least one.
         num_latent_steps: latent steps before decoding (0 for the CoT and No-CoT baselines).
+        generate_kwargs: more keyword arguments of the model's `generate` (e.g. `latent_inputs="zeros"`).
     Returns:
         `{"accuracy", "ar_steps", "seconds_per_sample", "num_samples", "predictions"}`; `predictions` holds, per
         sample, the generated text, the parsed answer and whether it matched ([`answers_match`]).
@@ -123,7 +125,7 @@ def evaluate(
         inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True).to(device)
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_latent_steps=num_latent_steps)
+                             num_latent_steps=num_latent_steps, **generate_kwargs)
         elapsed += time.perf_counter() - start
         new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
         for record, tokens in zip(batch, new_tokens):

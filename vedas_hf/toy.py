@@ -55,27 +55,34 @@ def _render(scans, digit_size: int, rows: int, rng: random.Random) -> Image.Imag
     return image.convert("RGB")
 
 
-def _question_and_steps(values: list[int]) -> tuple[str, list[str], str]:
+def _question_and_steps(values: list[int], operation: str = "sum") -> tuple[str, list[str], str]:
     names = "abcde"[: len(values)]
     reads = [f"The {ORDINALS[i]} digit is {v}." for i, v in enumerate(values)]
-    if len(values) == 3:
+    if operation == "mixed" and len(values) == 3:
         a, b, c = values
         question = "Let a, b, c be the digits from left to right. What is (a + b) * c mod 10?"
         total = a + b
         steps = reads + [f"{a} + {b} = {total}.", f"{total} * {c} = {total * c}, mod 10 is {total * c % 10}."]
         return question, steps, str(total * c % 10)
     question = f"Let {', '.join(names)} be the digits from left to right. What is their sum mod 10?"
-    total = sum(values)
-    steps = reads + [f"{' + '.join(map(str, values))} = {total}, mod 10 is {total % 10}."]
-    return question, steps, str(total % 10)
+    if operation == "mixed":  # two digits: the whole sum in one step
+        total = sum(values)
+        return question, reads + [f"{' + '.join(map(str, values))} = {total}, mod 10 is {total % 10}."], str(total % 10)
+    # "sum": a running total, one addition of two numbers per step
+    total, adds = values[0], []
+    for value in values[1:]:
+        adds.append(f"{total} + {value} = {total + value}")
+        total += value
+    adds[-1] += f", mod 10 is {total % 10}"
+    return question, reads + [f"{add}." for add in adds], str(total % 10)
 
 
-def _samples(n, pool, images, labels, rng, num_digits, digit_size, rows):
+def _samples(n, pool, images, labels, rng, num_digits, digit_size, rows, operation):
     out = []
     for _ in range(n):
         sources = [pool[rng.randrange(len(pool))] for _ in range(num_digits)]
         values = [int(labels[s]) for s in sources]
-        question, steps, answer = _question_and_steps(values)
+        question, steps, answer = _question_and_steps(values, operation)
         out.append({
             "image": _render([images[s] for s in sources], digit_size, rows, rng),
             "question": question,
@@ -98,6 +105,7 @@ def make_digit_arithmetic(
     digit_size: int = 16,
     rows: int = 2,
     test_fraction: float = 0.2,
+    operation: str = "mixed",
 ) -> tuple[list[dict], list[dict]]:
     """Generate the train and test splits (canonical records plus `label_digits` and `source_ids`).
 
@@ -107,14 +115,16 @@ def make_digit_arithmetic(
             default 16 makes each digit 2 x 2 merged visual tokens with the tiny checkpoints of `vedas_hf.testing`.
         rows: tile rows; each digit sits in a random one (1: digits side by side on one row).
         test_fraction: share of source scans reserved for the test split.
+        operation: `"mixed"` asks `(a + b) * c mod 10` of three digits, `"sum"` the sum of the digits mod 10 (two or
+            more digits always ask the sum).
     """
     splits = _digit_splits({"train": n_train, "test": n_test}, seed=seed, num_digits=num_digits,
-                           digit_size=digit_size, rows=rows, test_fraction=test_fraction)
+                           digit_size=digit_size, rows=rows, test_fraction=test_fraction, operation=operation)
     return splits["train"], splits["test"]
 
 
 def _digit_splits(sizes: dict, *, seed, num_digits=3, digit_size=16, rows=2, test_fraction=0.2,
-                  validation_fraction=0.0) -> dict:
+                  validation_fraction=0.0, operation="mixed") -> dict:
     """`{split: records}` for `sizes` `{split: n}` over "train", "validation", "test"; each split draws its digits
     from its own pool of source scans."""
     if not 2 <= num_digits <= len(ORDINALS):
@@ -127,10 +137,12 @@ def _digit_splits(sizes: dict, *, seed, num_digits=3, digit_size=16, rows=2, tes
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
+    if operation not in ("mixed", "sum"):
+        raise ValueError(f"operation={operation!r} is not supported; use 'mixed' or 'sum'.")
     images, labels, *pools = _digit_pools(seed, test_fraction, validation_fraction)
     pools = dict(zip(("train", "validation", "test"), pools))
     rng = random.Random(seed + 1)
-    return {split: _samples(n, pools[split], images, labels, rng, num_digits, digit_size, rows)
+    return {split: _samples(n, pools[split], images, labels, rng, num_digits, digit_size, rows, operation)
             for split, n in sizes.items()}
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vedas_hf.data import NormalizedRecords, prompt_messages
 from vedas_hf.eval import (
     answers_match,
     evaluate,
@@ -181,7 +182,24 @@ def test_window_images_draw_the_replay_boxes(tiny, records, tmp_path):
     original = records[0]["image"].convert("RGB")
     drawn = Image.open(paths[0]).convert("RGB")
     assert drawn.size == original.size
-    assert drawn.tobytes() != original.tobytes()  # at least one window outline was drawn
+    # the first step's outline is where the trace says: its corners changed colour, pixels off every outline did not
+    record = NormalizedRecords(records[:1], require_steps=False)[0]
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
+    trace = model.generate(**inputs, num_latent_steps=2, max_new_tokens=2, do_sample=False,
+                           return_dict_in_generate=True).latent_trace
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    sx, sy = original.width / (w * model.config.vision_config.patch_size), original.height / (
+        h * model.config.vision_config.patch_size)
+    x0, y0, x1, y1 = trace[0][0]["box"]
+    corners = [(int(x0 * sx), int(y0 * sy)), (int(x1 * sx) - 1, int(y1 * sy) - 1)]
+    assert all(drawn.getpixel(c) == (255, 0, 0) for c in corners)  # step 0 is drawn in red
+    boxes = [step[0]["box"] for step in trace]
+    on_outline = lambda x, y: any(  # noqa: E731
+        (x in (int(a * sx), int(c * sx) - 1) and int(b * sy) <= y < int(d * sy))
+        or (y in (int(b * sy), int(d * sy) - 1) and int(a * sx) <= x < int(c * sx)) for a, b, c, d in boxes)
+    off = [(x, y) for x in range(original.width) for y in range(original.height) if not on_outline(x, y)]
+    assert off and all(drawn.getpixel(p) == original.getpixel(p) for p in off)
 
 
 def test_eval_command_writes_json_and_markdown(tiny, tmp_path):

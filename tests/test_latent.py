@@ -149,6 +149,29 @@ def test_mixed_batch_equals_one_by_one(vedas_dir, processor, images, positions):
         assert alone.latent_trace[0][0]["visual_indices"] == together.latent_trace[0][row]["visual_indices"]
 
 
+def test_text_only_batch_rows_equal_the_same_row_alone(vedas_dir, processor):
+    """A batch without any image (left padding, rows of different lengths) gives each row's tokens and logits."""
+    model = load(vedas_dir)
+    questions = ["Say hi", "Count from one to three, please, slowly"]
+    batch = make_batch(processor, questions, [None, None])
+    kwargs = dict(num_latent_steps=2, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    together = model.generate(**batch, **kwargs)
+    for row, question in enumerate(questions):
+        alone = model.generate(**make_batch(processor, [question], [None]), **kwargs)
+        assert torch.equal(alone.sequences[0, -4:], together.sequences[row, -4:])
+        for step in range(4):
+            assert (alone.logits[step][0] - together.logits[step][row]).abs().max().item() < 1e-5
+
+
+def test_one_beam_is_greedy_decoding(vedas_dir, processor, images):
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour of the big one?"], [[images[0]], [images[1]]])
+    greedy = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, do_sample=False)
+    beam = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, do_sample=False, num_beams=1)
+    assert torch.equal(greedy, beam)
+
+
 def test_generate_output_layout_is_prompt_then_answer(vedas_dir, processor, images):
     model = load(vedas_dir)
     batch = make_batch(processor, ["Shape?", "Is it blue or red?"], [[images[0]], [images[1]]])

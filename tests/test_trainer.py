@@ -513,7 +513,9 @@ def test_qwen2_5_vl_backbone_trains_through_the_curriculum(records, tmp_path):
     logs = [log for log in trainer.state.log_history if "ce_loss" in log]
     assert [log["stage"] for log in logs] == [0.0] * 2 + [1.0] * 2 + [2.0] * 4
     assert all(log["recon_loss"] > 0 for log in logs if log["stage"] > 0)
-    assert logs[-1]["ce_loss"] < logs[0]["ce_loss"]
+    # within one stage (the same 16 records, two batches per epoch): the last epoch's loss is below the one before
+    third, fourth = logs[4:6], logs[6:8]
+    assert sum(log["ce_loss"] for log in fourth) < sum(log["ce_loss"] for log in third)
 
 
 @pytest.mark.parametrize("stage", [0, 2], ids=["stock_batches", "latent_with_recon"])

@@ -73,9 +73,13 @@ TASK_VEDAS_CONFIG = {"replay_top_k": 4, "recon_window": 2, "router_top_k": 2}
 # digits and their sum mod 10 (steps: read, read, add); the latents replace the two reading steps (with all three
 # steps latent the tiny model stays at chance, like No-CoT: see docs/results.md). Shapes: three panels, one reading
 # step each, then the count; the latents replace the reading steps.
+# "selected": lambda and the router lr multiplier chosen on the validation split by `--select` (seed 0; the grid's
+# scores are in results/table1-<task>-selection.json); a `--select` run in the output folder takes precedence.
 TASK_SETTINGS = {
-    "digits": {"task": {"num_digits": 2}, "max_latent_stage": 2, "reader_epochs": 8},
-    "shapes": {"task": {}, "max_latent_stage": 3, "reader_epochs": 16},
+    "digits": {"task": {"num_digits": 2}, "max_latent_stage": 2, "reader_epochs": 8,
+               "selected": {"recon_loss_weight": 0.2, "vedas_lr_multiplier": 1.0}},
+    "shapes": {"task": {}, "max_latent_stage": 3, "reader_epochs": 16,
+               "selected": {"recon_loss_weight": 0.2, "vedas_lr_multiplier": 10.0}},
 }
 
 
@@ -98,9 +102,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_epochs", type=int, default=6,
                         help="epochs of every variant; the latent ones stay at the last stage once they reach it")
     parser.add_argument("--recon_loss_weight", type=float, default=None,
-                        help="lambda of the full method (default: selected.json, else 1.0)")
+                        help="lambda of the full method (default: the validated choice, TASK_SETTINGS)")
     parser.add_argument("--vedas_lr_multiplier", type=float, default=None,
-                        help="router / TokenSR learning-rate multiplier (default: selected.json, else 1.0)")
+                        help="router / TokenSR learning-rate multiplier (default: the validated choice)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--max_new_tokens", type=int, default=96)
@@ -131,14 +135,12 @@ def _read_json(path):
 
 
 def full_method_settings(args) -> dict:
-    """lambda and the router lr multiplier of the full method: the command line, else `selected.json`, else 1.0."""
+    """lambda and the router lr multiplier of the full method: the command line, else the output folder's
+    `selected.json` (from `--select`), else the task's validated choice in `TASK_SETTINGS`."""
     selected_path = os.path.join(args.output_dir, "selected.json")
-    selected = _read_json(selected_path)["selected"] if os.path.exists(selected_path) else {}
-    settings = {}
-    for name in SELECT_GRID:
-        value = getattr(args, name)
-        settings[name] = value if value is not None else selected.get(name, 1.0)
-    return settings
+    selected = (_read_json(selected_path)["selected"] if os.path.exists(selected_path)
+                else TASK_SETTINGS[args.task]["selected"])
+    return {name: getattr(args, name) if getattr(args, name) is not None else selected[name] for name in SELECT_GRID}
 
 
 def task_kwargs(args) -> dict:

@@ -331,27 +331,50 @@ def test_sft_script_evaluates_with_the_latent_steps_the_trainer_set(tiny, tmp_pa
     assert json.loads((tmp_path / "final" / "config.json").read_text())["num_latent_steps"] == 0
 
 
-def test_table1_command_trains_and_evaluates_each_variant_from_one_reader(tmp_path):
+def test_table1_command_runs_paired_seeds_with_intervals_and_resumes_from_its_cache(tmp_path):
     from collections import Counter
 
-    from vedas_hf.toy import make_task
+    from vedas_hf.stats import mean_ci, paired_sample_ci
+    from vedas_hf.toy import make_task_splits
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "table1.py"), "--task", "shapes", "--output_dir",
-         str(tmp_path), "--variants", "no-cot", "vedas", "--num_train_samples", "32", "--num_test_samples", "4",
-         "--num_reader_samples", "32", "--reader_epochs", "1", "--num_train_epochs", "2", "--max_latent_stage", "1",
-         "--batch_size", "16", "--max_new_tokens", "6"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "table1.json").read_text())
-    assert list(report["rows"]) == ["No-CoT", "Vedas"]
-    assert [row["num_samples"] for row in report["rows"].values()] == [4, 4]
-    assert 1 <= report["rows"]["No-CoT"]["ar_steps"] <= 6  # plain decoding: generated tokens only
-    assert 1 + 1 <= report["rows"]["Vedas"]["ar_steps"] <= 1 + 6  # one latent step + generated tokens
-    _, test = make_task("shapes", 32, 4, seed=0)
-    majority = Counter(r["answer"] for r in test).most_common(1)[0][1] / 4
-    assert report["majority_answer_accuracy"] == majority
-    assert (tmp_path / "reader" / "final" / "model.safetensors").is_file()
-    assert len((tmp_path / "table1.md").read_text().strip().splitlines()) == 2 + 2  # header, rule, two rows
+
+    def run(*seeds):
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO, "examples", "table1.py"), "--task", "shapes", "--output_dir",
+             str(tmp_path), "--variants", "no-cot", "vedas", "no-rds", "--seeds", *map(str, seeds),
+             "--num_train_samples", "32", "--num_test_samples", "4", "--num_reader_samples", "32", "--reader_epochs",
+             "1", "--num_train_epochs", "2", "--max_latent_stage", "1", "--batch_size", "16", "--max_new_tokens", "6"],
+            capture_output=True, text=True, env=env, timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads((tmp_path / "table1.json").read_text())
+
+    report = run(0)
+    cached = (tmp_path / "seed0" / "vedas.json").stat().st_mtime_ns
+    report = run(0, 1)  # seed 0 comes from the cache, seed 1 is trained
+    assert (tmp_path / "seed0" / "vedas.json").stat().st_mtime_ns == cached
+    assert list(report["rows"]) == ["no-cot", "vedas", "no-rds"]
+    seeds = {s: {v: json.loads((tmp_path / f"seed{s}" / f"{v}.json").read_text()) for v in report["rows"]}
+             for s in (0, 1)}
+    for variant, row in report["rows"].items():
+        accuracies = [seeds[s][variant]["accuracy"] for s in (0, 1)]
+        assert row["accuracy_per_seed"] == accuracies
+        assert row["accuracy_seeds_ci"] == mean_ci(accuracies)
+        if variant != "vedas":  # the paired difference: full method minus this row, on the same test samples
+            diff = row["full_minus_this"]
+            assert diff["per_seed"] == [seeds[s]["vedas"]["accuracy"] - seeds[s][variant]["accuracy"] for s in (0, 1)]
+            pooled = lambda v: [c for s in (0, 1) for c in seeds[s][v]["correct"]]  # noqa: E731
+            assert diff["samples_ci"] == paired_sample_ci(pooled("vedas"), pooled(variant))
+    assert 1 <= report["rows"]["no-cot"]["ar_steps"] <= 6  # plain decoding: generated tokens only
+    assert 1 + 1 <= report["rows"]["vedas"]["ar_steps"] <= 1 + 6  # one latent step + generated tokens
+    vedas = seeds[0]["vedas"]
+    assert sorted(vedas["steps_curve"], key=int) == ["0", "1", "2", "3"]  # 0 .. T_r + 2
+    assert vedas["router_diagnostics"]["refined_share"]["mean"] > 0 and "zero_latents" in vedas
+    for seed in (0, 1):
+        test = make_task_splits("shapes", 32, 0, 4, seed=seed)["test"]
+        majority = Counter(r["answer"] for r in test).most_common(1)[0][1] / 4
+        assert report["majority_answer_accuracy"][str(seed)] == majority
+        assert (tmp_path / f"seed{seed}" / "reader" / "final" / "model.safetensors").is_file()
+    table = (tmp_path / "table1.md").read_text()
+    assert "| Vedas w/o RDS |" in table and "latent steps at inference" in table and "Router diagnostics" in table

@@ -14,10 +14,10 @@ def test_latent_model_beats_chance_on_the_bundled_task(tmp_path):
     torch.manual_seed(0)
     latent_steps = 2  # two digits: both reading steps become latents at the last stage
     reader = pretrain_reader(
-        str(tmp_path / "reader"), num_samples=2000, task_kwargs={"num_digits": 2}, epochs=8, seed=0,
+        str(tmp_path / "reader"), num_samples=2000, task_kwargs={"num_digits": 2, "digit_size": 8}, epochs=8, seed=0,
         num_latent_steps=latent_steps, replay_top_k=1, router_top_k=4, recon_window=1,
     )
-    train, test = make_digit_arithmetic(2000, 100, seed=0, num_digits=2)
+    train, test = make_digit_arithmetic(2000, 100, seed=0, num_digits=2, digit_size=8)  # one token per digit: fast
     model = AutoModelForImageTextToText.from_pretrained(reader)
     processor = AutoProcessor.from_pretrained(reader)
     args = VedasSFTConfig(

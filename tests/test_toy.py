@@ -34,14 +34,28 @@ def test_steps_and_answer_follow_the_labels():
         assert record["steps"][:3] == [f"The first digit is {a}.", f"The second digit is {b}.", f"The third digit is {c}."]
         assert record["steps"][3] == f"{a} + {b} = {a + b}."
         assert re.search(rf"= {(a + b) * c}, mod 10 is {record['answer']}\.$", record["steps"][4])
-        assert record["image"].size == (3 * 8, 2 * 8)  # (width, height): 3 columns, 2 rows of 8x8 tiles
+        assert record["image"].size == (3 * 16, 2 * 16)  # (width, height): 3 columns, 2 rows of 16x16 tiles
+
+
+def test_sum_operation_adds_one_number_per_step():
+    train, _ = make_digit_arithmetic(30, 0, seed=0, operation="sum")
+    for record in train:
+        a, b, c = record["label_digits"]
+        assert record["steps"][3:] == [f"{a} + {b} = {a + b}.", f"{a + b} + {c} = {a + b + c}, mod 10 is "
+                                                               f"{(a + b + c) % 10}."]
+        assert record["answer"] == str((a + b + c) % 10)
+    two, _ = make_digit_arithmetic(5, 0, seed=0, num_digits=2)  # two digits: one step, either operation
+    assert all(r["steps"][2] == f"{r['label_digits'][0]} + {r['label_digits'][1]} = {sum(r['label_digits'])}, "
+               f"mod 10 is {sum(r['label_digits']) % 10}." for r in two)
+    with pytest.raises(ValueError, match="operation='product'"):
+        make_digit_arithmetic(1, 0, operation="product")
 
 
 def test_each_digit_is_its_scan_in_one_tile_of_its_column():
     from sklearn.datasets import load_digits
 
     scans = load_digits().images
-    train, _ = make_digit_arithmetic(20, 0, seed=2, num_digits=4, rows=3)
+    train, _ = make_digit_arithmetic(20, 0, seed=2, num_digits=4, rows=3, digit_size=8)
     rows_used = set()
     for record in train:
         pixels = np.asarray(record["image"])[:, :, 0].astype(float)

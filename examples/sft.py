@@ -1,9 +1,10 @@
 """Train a Vedas model through the latent curriculum, then evaluate it.
 
 With no arguments it builds a tiny Vedas model offline and teaches it to read the images of the bundled task
-(arithmetic over real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_reader`, the stand-in for a
-pretrained VLM), then trains it on the CPU through every curriculum stage, saves a loadable checkpoint and prints the
-test accuracy (8-16 minutes on 2 cores, by machine):
+(the sum mod 10 of two real handwritten digits from scikit-learn; `vedas_hf.toy.pretrain_reader`, the stand-in for
+a pretrained VLM), then trains it on the CPU through every curriculum stage (the two reading steps become latents),
+saves a loadable checkpoint and prints the test accuracy (about 10 minutes on 2 cores; the settings are those of the
+Vedas row of `examples/table1.py`, see docs/results.md):
 
     python examples/sft.py
     python examples/sft.py --toy_task shapes --output_dir runs/vedas-tiny-shapes   # the easy-VQA counting task
@@ -16,7 +17,7 @@ On real data and a converted checkpoint (see `python -m vedas_hf.convert`), with
         --per_device_train_batch_size 8
 
 Every `VedasSFTConfig` / `SFTConfig` / `TrainingArguments` field is a command-line flag. The demo's settings
-(`DEMO_DEFAULTS`: up to 3 latents, one epoch per stage, 8 epochs, lr 2e-3, float32, no activation checkpointing,
+(`DEMO_DEFAULTS`: up to 2 latents, one epoch per stage, 6 epochs, lr 2e-3, lambda 0.2, float32, no activation checkpointing,
 output in `runs/vedas-tiny-digits`) apply only without `--dataset_path`; on the user's data every default is
 `VedasSFTConfig`'s (4 stages of 4 epochs, TRL's bf16 and activation checkpointing on). With `--eval_strategy steps`
 (or `epoch`) the evaluation records (`--eval_dataset_path`, or the bundled task's test split) also give the eval loss
@@ -49,9 +50,10 @@ class VedasScriptArguments:
     eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation records."})
     dataset_format: str = field(default="canonical", metadata={"help": " | ".join(DATASET_FORMATS)})
     toy_task: str = field(default="digits", metadata={"help": "Bundled task: digits | shapes (vedas_hf.toy)."})
-    num_train_samples: int = field(default=3000, metadata={"help": "Bundled task: training samples."})
+    num_train_samples: int = field(default=2000, metadata={"help": "Bundled task: training samples."})
     num_eval_samples: int = field(default=200, metadata={"help": "Bundled task: evaluation samples."})
-    toy_digit_size: int = field(default=8, metadata={"help": "Digits task: tile side in pixels."})
+    toy_num_digits: int = field(default=2, metadata={"help": "Digits task: digits per image (2: their sum mod 10)."})
+    toy_digit_size: int = field(default=16, metadata={"help": "Digits task: tile side in pixels."})
     toy_rows: int = field(default=2, metadata={"help": "Digits task: tile rows (each digit in a random one)."})
     use_peft: bool = field(default=False, metadata={"help": "LoRA on the language model (r=64, alpha=16)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
@@ -64,8 +66,9 @@ DEMO_DEFAULTS = dict(
     learning_rate=2e-3,
     per_device_train_batch_size=32,
     epochs_per_stage=1,
-    max_latent_stage=3,
-    num_train_epochs=8,
+    max_latent_stage=2,
+    num_train_epochs=6,
+    recon_loss_weight=0.2,
     lr_scheduler_type="cosine",
     warmup_steps=20,
     logging_steps=25,
@@ -81,7 +84,8 @@ DEMO_DEFAULTS = dict(
 def toy_task_kwargs(script_args) -> dict:
     """Generator arguments of the bundled task named by `--toy_task`."""
     if script_args.toy_task == "digits":
-        return {"digit_size": script_args.toy_digit_size, "rows": script_args.toy_rows}
+        return {"num_digits": script_args.toy_num_digits, "digit_size": script_args.toy_digit_size,
+                "rows": script_args.toy_rows}
     return {}
 
 
@@ -110,8 +114,8 @@ def validate_records(records, training_args, source: str, require_steps: bool = 
 
 def load_model(script_args, training_args):
     """The checkpoint to train, or for the demo a tiny Vedas model pretrained to read the bundled task's images
-    (written next to the outputs; the replay picks K=1 token per step and the reconstruction window is 1x1, the size
-    of one digit on the default digits layout)."""
+    (written next to the outputs; with 16 px digits each digit is 2 x 2 merged visual tokens, so a step replays K=4
+    tokens, the reconstruction window is 2 x 2 and the routers refine alpha=2 tokens of each chunk)."""
     path = script_args.model_name_or_path
     if path is None:
         from vedas_hf.toy import pretrain_reader
@@ -119,7 +123,7 @@ def load_model(script_args, training_args):
         path = pretrain_reader(
             os.path.join(training_args.output_dir, "reader"), task=script_args.toy_task,
             task_kwargs=toy_task_kwargs(script_args), seed=training_args.seed,
-            num_latent_steps=training_args.max_latent_stage, replay_top_k=1, router_top_k=8, recon_window=1,
+            num_latent_steps=training_args.max_latent_stage, replay_top_k=4, router_top_k=2, recon_window=2,
         )
     dtype = torch.bfloat16 if training_args.bf16 else None
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)

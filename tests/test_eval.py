@@ -306,7 +306,7 @@ def test_sft_script_uses_the_demo_settings_only_for_the_bundled_task(monkeypatch
     trainer_defaults = VedasSFTConfig(output_dir=str(tmp_path), bf16=False)
     expected = tuple(getattr(trainer_defaults, name) for name in fields)
     assert expected == (4, 4, 20, 2e-5, True)  # TRL's learning rate
-    demo = (3, 1, 8, 2e-3, False)
+    demo = (2, 1, 6, 2e-3, False)
     assert [tuple(getattr(args, name) for name in fields) for args in parsed] == [expected, expected, demo]
 
 

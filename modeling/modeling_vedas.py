@@ -987,6 +987,7 @@ class VedasForConditionalGenerationMixin:
         mm_token_type_ids=None,
         num_latent_steps=None,
         latent_inputs="hidden",
+        latent_probe_top_k=0,
         **kwargs,
     ):
         r"""Latent reasoning, then the stock generation loop.
@@ -1003,6 +1004,9 @@ class VedasForConditionalGenerationMixin:
             latent_inputs: `"hidden"` (default, eq. 1) feeds each latent step the previous pass's last hidden
                 state; `"zeros"` feeds zero vectors instead (an ablation probe: does the model use what the latents
                 compute, or only the extra positions and the replayed tokens?).
+            latent_probe_top_k: with `return_dict_in_generate=True`, each step's trace row also gets `"probe"`: the
+                `k` tokens the LM head reads from that latent's hidden state, as `(token_id, probability)` pairs (a
+                "logit lens" view of what the latent encodes). 0 (default): no probe.
         Returns:
             Like the stock `generate`: `(batch, prompt_len + new)` ids (prompt then answer), or a
             `GenerateOutput` whose `latent_trace` lists, per step and row, the replayed visual-token indices and
@@ -1018,6 +1022,8 @@ class VedasForConditionalGenerationMixin:
         steps = self._num_latent_steps(num_latent_steps, generation_config)
         if latent_inputs not in ("hidden", "zeros"):
             raise ValueError(f"latent_inputs={latent_inputs!r} is not supported; use 'hidden' (eq. 1) or 'zeros'.")
+        if not isinstance(latent_probe_top_k, int) or isinstance(latent_probe_top_k, bool) or latent_probe_top_k < 0:
+            raise ValueError(f"latent_probe_top_k={latent_probe_top_k!r} must be an integer >= 0 (0: no probe).")
         if input_ids is not None:
             self._check_prompt(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, kwargs)
         stock_inputs = dict(
@@ -1066,7 +1072,19 @@ class VedasForConditionalGenerationMixin:
             return sequences
         out.sequences = sequences
         out["latent_trace"] = self._public_trace(phase.trace, steps, prompt_ids, image_grid_thw)
+        if latent_probe_top_k:
+            self._add_latent_probe(out["latent_trace"], phase.latent_hidden, latent_probe_top_k)
         return out
+
+    def _add_latent_probe(self, trace, latent_hidden, top_k):
+        """Adds `"probe"` to each trace row: the top-k `(token_id, probability)` of the LM head on the step's latent
+        hidden state `latent_hidden` `(batch, steps, hidden)`."""
+        probabilities = self.lm_head(latent_hidden).float().softmax(dim=-1)  # (batch, steps, vocab)
+        top = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+        ids, values = top.indices.tolist(), top.values.tolist()
+        for step, rows in enumerate(trace):
+            for row, entry in enumerate(rows):
+                entry["probe"] = list(zip(ids[row][step], values[row][step]))
 
     def _check_generate_inputs(self, input_ids, attention_mask, generation_config, kwargs):
         if input_ids is None:

@@ -271,3 +271,63 @@ def test_paired_sample_ci_uses_the_per_sample_differences():
     assert ci["mean"] == pytest.approx(1 / 3) and ci["half_width"] == pytest.approx(1.96 * sd / math.sqrt(6))
     with pytest.raises(ValueError, match="equal lengths"):
         paired_sample_ci([1], [1, 0])
+
+
+# ---- earlier-stage mixing (Coconut) ------------------------------------------------------------------------------
+
+
+def test_earlier_stage_probability_renders_some_records_with_fewer_latents(train_dir, digit_records, tmp_path):
+    counts = {}
+    for probability in (0.0, 0.5, 1.0):
+        trainer = _trainer(train_dir, digit_records, tmp_path / str(probability), max_latent_stage=2,
+                           earlier_stage_probability=probability)
+        renderer = trainer.curriculum_callback.renderers[0]
+        renderer.stage, renderer.epoch = 2, 3
+        counts[probability] = [renderer.example(i)["num_latents"] for i in range(len(digit_records))]
+        # the same epoch renders the same stages (a resume sees the same data); evaluation never mixes
+        assert counts[probability] == [renderer.example(i)["num_latents"] for i in range(len(digit_records))]
+        assert not trainer._eval_renderers or not trainer._eval_renderers[0].mix_earlier_stages
+    assert counts[0.0] == [2] * len(digit_records)
+    assert all(c in (0, 1) for c in counts[1.0]) and {0, 1} <= set(counts[1.0])
+    assert 0 < sum(c < 2 for c in counts[0.5]) < len(digit_records)
+    renderer.epoch = 4  # another epoch draws again
+    assert [renderer.example(i)["num_latents"] for i in range(len(digit_records))] != counts[1.0]
+
+
+def test_earlier_stage_mixing_trains_and_is_validated(train_dir, digit_records, tmp_path):
+    trainer = _trainer(train_dir, digit_records, tmp_path, max_latent_stage=1, num_train_epochs=2,
+                       earlier_stage_probability=0.5)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "ce_loss" in log]
+    assert logs[-1]["stage"] == 1.0 and all(math.isfinite(log["ce_loss"]) for log in logs)
+    with pytest.raises(ValueError, match="earlier_stage_probability=1.5"):
+        VedasSFTConfig(output_dir=str(tmp_path), earlier_stage_probability=1.5, use_cpu=True, bf16=False)
+
+
+# ---- the logit-lens probe of the latent steps ---------------------------------------------------------------------
+
+
+def test_latent_probe_reads_the_lm_head_at_each_latent(vedas_dir, processor, images):
+    """The probe of step t is the LM head's distribution at the t-th latent: the same as the teacher-forced latent
+    forward's logits at the latent columns."""
+    from conftest import make_batch
+    from test_modeling import latent_sequence
+
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour of the big one?"], [[images[0]], [images[1]]])
+    out = model.generate(**batch, num_latent_steps=2, max_new_tokens=1, do_sample=False,
+                         return_dict_in_generate=True, latent_probe_top_k=3)
+    seq = latent_sequence(processor, batch, model.config, 2, [])
+    with torch.no_grad():
+        logits = model(**seq).logits
+    first = batch["input_ids"].shape[1] + 1  # after the start marker
+    for step in range(2):
+        expected = logits[:, first + step].softmax(-1).topk(3)
+        for row in range(2):
+            probe = out.latent_trace[step][row]["probe"]
+            assert [token for token, _ in probe] == expected.indices[row].tolist()
+            assert [p for _, p in probe] == pytest.approx(expected.values[row].tolist(), abs=1e-5)
+    plain = model.generate(**batch, num_latent_steps=2, max_new_tokens=1, return_dict_in_generate=True)
+    assert "probe" not in plain.latent_trace[0][0]
+    with pytest.raises(ValueError, match="latent_probe_top_k=-1"):
+        model.generate(**batch, num_latent_steps=1, max_new_tokens=1, latent_probe_top_k=-1)

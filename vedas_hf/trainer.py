@@ -11,6 +11,7 @@ passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` ar
 import copy
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -60,6 +61,11 @@ class VedasSFTConfig(SFTConfig):
             Side in pixels of the square each reconstruction crop is resized to before it is re-encoded (a multiple
             of the vision tower's `patch_size * spatial_merge_size`); `None` keeps the model config's
             `recon_crop_size` (by default: crops resized to their image's size). Sets the model config's field.
+        earlier_stage_probability (`float`, *optional*, defaults to `0.0`):
+            Coconut's stage mixing: at stage k > 0, each training record is rendered with this probability at a stage
+            drawn uniformly from 0..k-1 instead (fewer latents, more explicit steps), so the model keeps answering
+            after fewer latent steps than it was last trained on. The draw depends only on the seed, the epoch and the
+            record, so a resumed run renders the same examples. Evaluation always renders the last stage.
         vedas_lr_multiplier (`float`, *optional*, defaults to `1.0`):
             The modules Vedas adds to the backbone (the routers with their gates e(d), and TokenSR) train at
             `learning_rate * vedas_lr_multiplier`. The gates start at zero (so a converted checkpoint equals the stock
@@ -98,6 +104,9 @@ class VedasSFTConfig(SFTConfig):
     recon_crop_size: int | None = field(
         default=None, metadata={"help": "Re-encode reconstruction crops at N x N pixels (None: model config)."}
     )
+    earlier_stage_probability: float = field(
+        default=0.0, metadata={"help": "Probability of rendering a training record at a random earlier stage."}
+    )
     vedas_lr_multiplier: float = field(
         default=1.0, metadata={"help": "Learning-rate multiplier for the routers (gates included) and TokenSR."}
     )
@@ -130,6 +139,8 @@ class VedasSFTConfig(SFTConfig):
             raise ValueError(f"max_latent_stage={self.max_latent_stage} must be >= 0.")
         if self.recon_loss_weight is not None and self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight} must be >= 0.")
+        if not isinstance(self.earlier_stage_probability, (int, float)) or not 0 <= self.earlier_stage_probability <= 1:
+            raise ValueError(f"earlier_stage_probability={self.earlier_stage_probability!r} must be in [0, 1].")
         if not isinstance(self.vedas_lr_multiplier, (int, float)) or not self.vedas_lr_multiplier > 0:
             raise ValueError(f"vedas_lr_multiplier={self.vedas_lr_multiplier!r} must be a number > 0.")
         if self.recon_crop_size is not None and self.recon_crop_size < 1:
@@ -205,6 +216,8 @@ class StageRenderer:
         self.processor = processor
         self.args = args
         self.stage = stage
+        self.epoch = 0  # set with the stage each epoch (the earlier-stage draws depend on it)
+        self.mix_earlier_stages = False  # the training renderer mixes (`earlier_stage_probability`)
         self.records = NormalizedRecords(records, max_steps=args.max_reasoning_steps, tokenizer=processor.tokenizer,
                                          check=self._check)
 
@@ -230,11 +243,20 @@ class StageRenderer:
             max_length=self.args.max_length,
         )
 
+    def stage_of(self, index: int) -> int:
+        """The stage record `index` is rendered at this epoch: the current one, or with `earlier_stage_probability`
+        (training renderer only) one drawn from 0..stage-1, from a generator seeded by (seed, epoch, index)."""
+        probability = self.args.earlier_stage_probability if self.mix_earlier_stages else 0.0
+        if probability == 0 or self.stage == 0 or self.args.data_mode != "latent":
+            return self.stage
+        rng = random.Random(f"{self.args.seed}-{self.epoch}-{index}")
+        return rng.randrange(self.stage) if rng.random() < probability else self.stage
+
     def example(self, index: int) -> dict:
-        """The tokenised example of record `index` at the current stage (a `ValueError` names the record)."""
+        """The tokenised example of record `index` at its stage this epoch (a `ValueError` names the record)."""
         record = self.records[index]  # its errors name the record already
         try:
-            return self._render(record, self.stage)
+            return self._render(record, self.stage_of(index))
         except ValueError as error:
             raise ValueError(f"Record {index}: {error}") from None
 
@@ -290,7 +312,7 @@ class CurriculumCallback(TrainerCallback):
         epoch = math.floor(state.epoch + 1e-4) if state.epoch else 0
         self.stage = self.args.stage_for_epoch(epoch)
         for renderer in self.renderers:
-            renderer.stage = self.stage
+            renderer.stage, renderer.epoch = self.stage, epoch
         if self.on_stage is not None:
             self.on_stage(self.stage)
         return control
@@ -346,6 +368,7 @@ class VedasSFTTrainer(SFTTrainer):
         renderers = []
         if train_dataset is not None:
             train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args, args.stage_for_epoch(0))
+            renderer.mix_earlier_stages = True
             renderers.append(renderer)
         self.eval_stage = args.stage_for_epoch(10**9)
         self._eval_renderers = []

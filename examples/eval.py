@@ -31,7 +31,8 @@ def load_test_records(args) -> list:
     if args.dataset_path is None:
         from vedas_hf.toy import make_task
 
-        return make_task(args.task, 0, args.num_samples, seed=args.seed)[1]
+        kwargs = {"num_digits": args.num_digits} if args.task == "digits" else {}
+        return make_task(args.task, 0, args.num_samples, seed=args.seed, **kwargs)[1]
     records = load_records(args.dataset_path, adapter=dataset_adapter(args.dataset_format))
     return records[: args.num_samples] if args.num_samples else records
 
@@ -42,6 +43,8 @@ def main(argv=None):
     parser.add_argument("--revision", default=None)
     parser.add_argument("--dataset_path", default=None, help="JSON/JSONL records (default: a bundled task)")
     parser.add_argument("--task", default="digits", help="bundled task without --dataset_path: digits | shapes")
+    parser.add_argument("--num_digits", type=int, default=2,
+                        help="digits task: digits per image (2, the sum mod 10, as `examples/sft.py` trains)")
     parser.add_argument("--dataset_format", default="canonical", help=" | ".join(DATASET_FORMATS))
     parser.add_argument("--num_samples", type=int, default=None,
                         help="samples to evaluate (default: all records of --dataset_path, 100 of a bundled task)")

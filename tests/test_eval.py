@@ -378,3 +378,34 @@ def test_table1_command_runs_paired_seeds_with_intervals_and_resumes_from_its_ca
         assert (tmp_path / f"seed{seed}" / "reader" / "final" / "model.safetensors").is_file()
     table = (tmp_path / "table1.md").read_text()
     assert "| Vedas w/o RDS |" in table and "latent steps at inference" in table and "Router diagnostics" in table
+
+
+def test_inspect_script_draws_each_steps_tokens_window_and_probe(tiny, tmp_path):
+    path, model, processor = tiny
+    image = Image.new("RGB", (32, 32), "black")
+    image.paste(Image.new("RGB", (16, 16), "white"), (16, 0))  # one bright 2 x 2-token square, top right
+    image.save(tmp_path / "square.png")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "inspect_latents.py"), str(path), "--image",
+         str(tmp_path / "square.png"), "--question", "Where is the square?", "--num_latent_steps", "2",
+         "--max_new_tokens", "3", "--scale", "10", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "square:" in result.stdout
+    picture = Image.open(tmp_path / "out" / "square.png").convert("RGB")
+    assert picture.size == (320 + 420, 320)  # the enlarged image, then the text panel
+    # the cells the first step replayed are tinted in its colour; a cell no step replayed keeps the image's pixels
+    record = NormalizedRecords([{"image": str(tmp_path / "square.png"), "question": "Where is the square?",
+                                 "answer": "?"}], require_steps=False)[0]
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
+    trace = model.generate(**inputs, num_latent_steps=2, max_new_tokens=1, return_dict_in_generate=True).latent_trace
+    replayed = {i for step in trace for i in step[0]["visual_indices"]}
+    first = trace[0][0]["visual_indices"][0]
+    top, left = divmod(first, 4)  # 4 x 4 merged grid, 80 px per cell at scale 10
+    assert picture.getpixel((left * 80 + 40, top * 80 + 60)) != image.getpixel((left * 8 + 4, top * 8 + 6))
+    untouched = next(i for i in range(16) if i not in replayed)
+    top, left = divmod(untouched, 4)
+    assert picture.getpixel((left * 80 + 40, top * 80 + 60)) == image.getpixel((left * 8 + 4, top * 8 + 6))

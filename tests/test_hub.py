@@ -223,6 +223,19 @@ def test_convert_cli_set_refuses_a_misspelt_field(stock_dir, tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
 
 
+def test_convert_refuses_a_target_that_contains_or_is_inside_the_source(stock_dir, tmp_path):
+    """`convert par/stock par --overwrite` used to delete the source and everything beside it."""
+    parent = tmp_path / "par"
+    shutil.copytree(stock_dir, parent / "stock")
+    (parent / "notes.txt").write_text("keep me")
+    before = sorted(os.listdir(parent / "stock"))
+    with pytest.raises(ValueError, match="contains the source"):
+        convert_main([str(parent / "stock"), str(parent), "--overwrite"])
+    with pytest.raises(ValueError, match="is inside the source"):
+        convert_checkpoint(parent / "stock", parent / "stock" / "vedas", overwrite=True)
+    assert sorted(os.listdir(parent)) == ["notes.txt", "stock"] and sorted(os.listdir(parent / "stock")) == before
+
+
 def test_convert_writes_atomically_and_overwrite_replaces_the_folder(stock_dir, tmp_path, monkeypatch, backbone):
     from transformers import ProcessorMixin
 

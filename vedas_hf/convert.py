@@ -88,6 +88,14 @@ def _check_paths(src: Path, dst: Path, overwrite: bool):
         )
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"Target {dst} is an existing file, not a folder; pass a folder path (new or empty).")
+    source, target = src.resolve(), dst.resolve()
+    if source != target and (target in source.parents or source in target.parents):
+        inside = "contains the source" if target in source.parents else "is inside the source"
+        raise ValueError(
+            f"Target folder {dst} {inside} {src}: writing it would replace or nest the checkpoint being converted "
+            "(with --overwrite the source would be deleted). Choose a folder beside the source, or pass the same "
+            "folder twice to convert in place."
+        )
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ValueError(f"Target folder {dst} is not empty; choose an empty folder or pass overwrite=True (--overwrite).")
 

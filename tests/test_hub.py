@@ -199,7 +199,7 @@ def test_settable_fields_are_the_vedas_fields_without_the_token_ids():
     assert SETTABLE_FIELDS == (
         "num_latent_steps", "replay_mode", "replay_top_k", "replay_positions", "router_layers", "router_top_k",
         "router_schedule", "router_alpha_start", "router_alpha_end", "router_depth", "router_positions",
-        "recon_window", "recon_crop_size", "token_sr", "recon_loss_weight",
+        "recon_window", "recon_crop_size", "token_sr", "recon_loss_weight", "recon_grad_to_vision",
     )
 
 

@@ -276,6 +276,16 @@ def summarize(results: dict, variants: list, seeds: list) -> dict:
     return rows
 
 
+def latents_matter(full: list) -> dict:
+    """Full method with its latents minus with zero latent inputs, paired per seed and per sample."""
+    return {
+        "per_seed": [f["accuracy"] - f["zero_latents"]["accuracy"] for f in full],
+        "seeds_ci": mean_ci([f["accuracy"] - f["zero_latents"]["accuracy"] for f in full]),
+        "samples_ci": paired_sample_ci([c for f in full for c in f["correct"]],
+                                       [c for f in full for c in f["zero_latents"]["correct"]]),
+    }
+
+
 def markdown(rows: dict, results: dict, seeds: list, header: str) -> str:
     lines = [header, "",
              "| method | accuracy (%), mean [95% CI over seeds] | per seed | [95% CI over samples] | # AR steps | "
@@ -298,6 +308,10 @@ def markdown(rows: dict, results: dict, seeds: list, header: str) -> str:
                   "|---|" + "---|" * (len(steps) + 1),
                   "| accuracy | " + " | ".join(format_ci(mean_ci([f["steps_curve"][t] for f in full])) for t in steps)
                   + f" | {format_ci(mean_ci([f['zero_latents']['accuracy'] for f in full]))} |"]
+        zeros = latents_matter(full)
+        lines += ["", f"Do the latents matter: accuracy with the latents' computed inputs minus with zero vectors "
+                      f"(paired), {format_ci(zeros['seeds_ci'])} points over seeds, {format_ci(zeros['samples_ci'])} "
+                      "over samples."]
         diag = [f["router_diagnostics"] for f in full]
         lines += ["", "Router diagnostics of the full method (mean over seeds):", "",
                   "| mean abs gate e(d) | share of implicit-phase tokens refined | test CE | CE routers off | "
@@ -362,9 +376,10 @@ def main(argv=None):
         "command": "python " + " ".join(sys.argv), "commit": _commit(), "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "args": vars(args), "full_method_settings": settings, "reading": readers, "rows": rows,
-        "per_seed": {s: {v: {k: r[k] for k in r if k != "correct"} for v, r in results[s].items()
-                         if isinstance(r, dict)} for s in args.seeds},
+        # everything each (seed, variant) measured, per-sample correctness included (the paired intervals' input)
+        "per_seed": {s: {v: r for v, r in results[s].items() if isinstance(r, dict)} for s in args.seeds},
         "majority_answer_accuracy": {s: results[s]["majority"] for s in args.seeds},
+        "latents_matter": latents_matter([results[s][FULL] for s in args.seeds]) if FULL in args.variants else None,
         "minutes_this_invocation": (time.perf_counter() - start) / 60,
     }
     targets = [os.path.join(args.output_dir, "table1")] + ([args.results] if args.results else [])

@@ -105,6 +105,8 @@ def parse_args(argv=None):
                         help="lambda of the full method (default: the validated choice, TASK_SETTINGS)")
     parser.add_argument("--vedas_lr_multiplier", type=float, default=None,
                         help="router / TokenSR learning-rate multiplier (default: the validated choice)")
+    parser.add_argument("--hidden_size", type=int, default=None,
+                        help="language-model width of the tiny model (default: vedas_hf.testing's, 64; the MLP is 2x)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--max_new_tokens", type=int, default=96)
@@ -154,8 +156,11 @@ def reader_for_seed(args, seed: int) -> str:
     final = os.path.join(folder, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         return final
+    stock = None
+    if args.hidden_size is not None:
+        stock = {"text_config": {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}}
     return pretrain_reader(folder, task=args.task, task_kwargs=task_kwargs(args), num_samples=args.num_reader_samples,
-                           epochs=args.reader_epochs,
+                           epochs=args.reader_epochs, stock_overrides=stock,
                            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                            num_latent_steps=args.max_latent_stage, **TASK_VEDAS_CONFIG)
 

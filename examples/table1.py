@@ -201,18 +201,21 @@ def run_variant(variant, reader, splits, args, seed, settings) -> dict:
     mode = VARIANTS[variant][1]
     trainer, processor = train_variant(variant, reader, splits["train"], args, seed, settings,
                                        os.path.join(args.output_dir, f"seed{seed}", variant))
+    train_minutes = (time.perf_counter() - start) / 60
     model, steps = trainer.model, args.max_latent_stage if mode == "latent" else 0
     test = splits["test"]
     result = _evaluate(model, processor, test, args, steps)
-    out = {"variant": variant, "seed": seed, "train_minutes": None, **_compact(result),
+    out = {"variant": variant, "seed": seed, "train_minutes": train_minutes, **_compact(result),
            "examples": [p["text"] for p in result["predictions"][:5]]}
-    out["train_minutes"] = (time.perf_counter() - start) / 60
     if variant == FULL:
-        out["steps_curve"] = {t: _compact(_evaluate(model, processor, test, args, t))["accuracy"]
-                              for t in range(args.max_latent_stage + 3)}
+        # greedy decoding is deterministic: the step count it was trained for is the evaluation above
+        out["steps_curve"] = {
+            t: result["accuracy"] if t == steps else _evaluate(model, processor, test, args, t)["accuracy"]
+            for t in range(args.max_latent_stage + 3)
+        }
         out["zero_latents"] = _compact(_evaluate(model, processor, test, args, steps, latent_inputs="zeros"))
         out["router_diagnostics"] = router_diagnostics(
-            model, processor, test, trainer.args, num_latent_steps=steps,
+            model, processor, test, trainer.args, num_latent_steps=steps, accuracy=result["accuracy"],
             evaluate_kwargs={"batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens},
         )
     out["minutes"] = (time.perf_counter() - start) / 60

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from .data import VedasDataCollator, prompt_messages
+from .data import IGNORE_INDEX, VedasDataCollator, prompt_messages
 
 
 def _routers(model) -> dict:
@@ -27,23 +27,25 @@ def _routers(model) -> dict:
 def gate_magnitudes(model) -> dict:
     """Mean |e(d)| per routed layer and depth: `{layer index: [mean |gate| of depth 1, ...]}`. All zero for a freshly
     converted checkpoint (eq. 12's gate starts at zero)."""
-    return {layer: router.gate.detach().abs().float().mean(dim=-1).tolist() for layer, router in _routers(model).items()}
+    return {layer: router.gate.detach().abs().float().mean(dim=-1).tolist()
+            for layer, router in _routers(model).items()}
 
 
 @contextlib.contextmanager
 def routers_disabled(model):
     """Inside the block every router gate is zero, so each routed layer is the stock layer (eq. 12 adds nothing);
     the gates are restored on exit, also after an error."""
-    saved = {layer: router.gate.detach().clone() for layer, router in _routers(model).items()}
+    routers = list(_routers(model).values())
+    saved = [router.gate.detach().clone() for router in routers]
     try:
         with torch.no_grad():
-            for router in _routers(model).values():
+            for router in routers:
                 router.gate.zero_()
         yield model
     finally:
         with torch.no_grad():
-            for layer, router in _routers(model).items():
-                router.gate.copy_(saved[layer])
+            for router, gate in zip(routers, saved):
+                router.gate.copy_(gate)
 
 
 def refined_share(config, prompt_lengths, visual_counts, num_latent_steps: int) -> dict:
@@ -95,7 +97,7 @@ def heldout_cross_entropy(model, processor, records, args, batch_size: int = 32)
         for start in range(0, len(records), batch_size):
             batch = collator([renderer.example(i) for i in range(start, min(start + batch_size, len(records)))])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             out = model(**batch, use_cache=False)
             total += float(out.get("ce_loss", out.loss)) * tokens
             count += tokens
@@ -117,7 +119,8 @@ def prompt_statistics(processor, records, config) -> tuple[list, list]:
     return lengths, visual
 
 
-def router_diagnostics(model, processor, records, args, *, num_latent_steps: int, evaluate_kwargs=None) -> dict:
+def router_diagnostics(model, processor, records, args, *, num_latent_steps: int, evaluate_kwargs=None,
+                       accuracy: float | None = None) -> dict:
     """Router diagnostics on held-out `records`: mean |e(d)| per layer, the share of implicit-phase tokens refined,
     and test cross-entropy and accuracy with the routers on and switched off (`routers_disabled`).
 
@@ -125,6 +128,8 @@ def router_diagnostics(model, processor, records, args, *, num_latent_steps: int
         args: the `VedasSFTConfig` the model was trained with (how records are rendered for the cross-entropy).
         num_latent_steps: latent steps at inference.
         evaluate_kwargs: extra keyword arguments of `vedas_hf.eval.evaluate` (e.g. `batch_size`).
+        accuracy: the accuracy with the routers on, when the caller has just measured it with the same settings
+            (skips evaluating again).
     """
     from .data import NormalizedRecords
     from .eval import evaluate
@@ -140,8 +145,10 @@ def router_diagnostics(model, processor, records, args, *, num_latent_steps: int
         "gate_abs_mean_all": (sum(sum(v) / len(v) for v in gates.values()) / len(gates)) if gates else 0.0,
         "refined_share": refined_share(config, lengths, visual, num_latent_steps),
         "ce": heldout_cross_entropy(model, processor, records, args),
-        "accuracy": evaluate(model, processor, records, num_latent_steps=num_latent_steps, **kwargs)["accuracy"],
     }
+    if accuracy is None:
+        accuracy = evaluate(model, processor, records, num_latent_steps=num_latent_steps, **kwargs)["accuracy"]
+    result["accuracy"] = accuracy
     with routers_disabled(model):
         result["ce_routers_off"] = heldout_cross_entropy(model, processor, records, args)
         result["accuracy_routers_off"] = evaluate(model, processor, records, num_latent_steps=num_latent_steps,

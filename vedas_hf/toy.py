@@ -55,7 +55,7 @@ def _render(scans, digit_size: int, rows: int, rng: random.Random) -> Image.Imag
     return image.convert("RGB")
 
 
-def _question_and_steps(values: list[int], operation: str = "sum") -> tuple[str, list[str], str]:
+def _question_and_steps(values: list[int], operation: str) -> tuple[str, list[str], str]:
     names = "abcde"[: len(values)]
     reads = [f"The {ORDINALS[i]} digit is {v}." for i, v in enumerate(values)]
     if operation == "mixed" and len(values) == 3:

@@ -94,6 +94,10 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_samples", type=int, default=2000)
     parser.add_argument("--num_validation_samples", type=int, default=500)
     parser.add_argument("--num_test_samples", type=int, default=500)
+    parser.add_argument("--eval_split", default="test", choices=["test", "validation"],
+                        help="score the table on the test split (the reported table, touched once) or on the "
+                             "validation split carved from the training data (to choose epochs, lr or width; use "
+                             "its own --output_dir)")
     parser.add_argument("--num_reader_samples", type=int, default=4000, help="reading pretraining samples")
     parser.add_argument("--reader_epochs", type=int, default=None, help="default: the task's (TASK_SETTINGS)")
     parser.add_argument("--max_latent_stage", type=int, default=None,
@@ -355,8 +359,13 @@ def main(argv=None):
                      if not (v.startswith("lambda-") and float(v.split("-", 1)[1]) == settings["recon_loss_weight"])]
     results, readers = {}, {}
     for seed in args.seeds:
-        splits = make_task_splits(args.task, args.num_train_samples, 0, args.num_test_samples, seed=seed,
-                                  **task_kwargs(args))
+        if args.eval_split == "validation":  # every row below is then scored on the validation split
+            splits = make_task_splits(args.task, args.num_train_samples, args.num_validation_samples, 0, seed=seed,
+                                      **task_kwargs(args))
+            splits["test"] = splits["validation"]
+        else:
+            splits = make_task_splits(args.task, args.num_train_samples, 0, args.num_test_samples, seed=seed,
+                                      **task_kwargs(args))
         reader = reader_for_seed(args, seed)
         reading_path = os.path.join(args.output_dir, f"seed{seed}", "reading.json")
         if not os.path.exists(reading_path):
@@ -375,7 +384,8 @@ def main(argv=None):
     rows = summarize(results, args.variants, args.seeds)
     reading = ", ".join(f"{100 * readers[s]['items']:.1f}" for s in args.seeds)
     majority = ", ".join(f"{100 * results[s]['majority']:.1f}" for s in args.seeds)
-    header = (f"Task `{args.task}`, seeds {args.seeds}, {args.num_test_samples} test samples per seed; full method "
+    evaluated = len(splits["test"])
+    header = (f"Task `{args.task}`, seeds {args.seeds}, {evaluated} {args.eval_split} samples per seed; full method "
               f"lambda = {settings['recon_loss_weight']}, router lr multiplier = {settings['vedas_lr_multiplier']}; "
               f"the readers read {reading}% of the test digits / panels (per seed); always answering the most "
               f"frequent test answer: {majority}%.")

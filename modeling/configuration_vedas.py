@@ -111,9 +111,10 @@ _VEDAS_ARGS_DOC = """
             for 7B backbones, its sensitivity study finds 0.2 best for 2B and 1.0 for 7B, and the authors' training
             script uses 0.2. 1.0 is kept as the default; `hub_configs/` and the bundled tasks set their own.
         recon_grad_to_vision (`bool`, *optional*, defaults to `False`):
-            Whether the reconstruction loss may send gradient into the visual features it pools (and so into the
-            vision tower). Off (default): the pooled replay features b(t) are a stop-gradient of the visual features'
-            values, while the saliency weights of eq. 6 keep their gradient and TokenSR trains. The target is the
+            Whether the reconstruction loss may send gradient into the vision tower. Off (default): the pooled
+            replay features b(t) are a stop-gradient of the visual features' values, and the saliency weights of
+            eq. 6 take their gradient from the saliency recomputed from each layer's detached input, so the loss
+            trains TokenSR and every layer's query / key projections and input norm, and nothing upstream of them. The target is the
             tower's own (no-grad) encoding of the crop, so with the path on the loss can fall by flattening the
             tower's features instead of by predicting the crop (measured on the bundled digits task: feature variance
             across tokens falls, later replay steps pick blank tiles, test cross-entropy rises). For research only.

@@ -114,6 +114,27 @@ class VedasRouterCache:
         return keys, values, valid
 
 
+class SaliencyKeyCache:
+    """Per decoder layer, the keys of every cached position recomputed from the layer's *detached* inputs:
+    `k = RoPE(k_proj(norm(h.detach())))`, kept per pass (chunk index) like `VedasRouterCache`.
+
+    The reconstruction loss weights its pooled replay features by a saliency computed from these keys and a query
+    from the detached last hidden state (`recon_grad_to_vision=False`): its gradient then reaches every layer's
+    query / key projections and input norm, and nothing upstream of them, so none reaches the vision tower.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def extend(self, layer_idx: int, chunk: int, keys: torch.Tensor, store: bool = True) -> torch.Tensor:
+        """The keys of all passes `< chunk` followed by `keys` `(batch, kv_heads, seq, head_dim)`; `store=False` (a
+        checkpoint replay) leaves the cache unchanged."""
+        entries = [entry for entry in self._entries.get(layer_idx, []) if entry[0] < chunk]
+        if store:
+            self._entries[layer_idx] = entries + [(chunk, keys)]
+        return torch.cat([entry[1] for entry in entries] + [keys], dim=2) if entries else keys
+
+
 class _ReplayLayerCache:
     """The KV cache as one decoder layer sees it when activation checkpointing replays the layer in the backward
     pass: by then the cache also holds every later pass, so the replay reads the first `past_length` keys/values (what
@@ -181,22 +202,26 @@ class VedasPass(LatentPass):
         rotary_emb: the text model's rotary embedding (for `router_positions="rearrange"`).
         capture_saliency: whether each layer records the last token's attention over all keys.
         saliency: filled by the layers: layer index -> `(batch, past + seq)` head-averaged attention row.
+        saliency_keys: a `SaliencyKeyCache` when the layers should also record `detached_saliency`, the same row
+            with gradient to the query / key projections only (the reconstruction loss's weights); else `None`.
     """
 
     def __init__(self, *, key_mask: torch.Tensor, eligible: torch.Tensor, chunks: list, chunk_index: int,
                  router_cache: VedasRouterCache, config: VedasQwen2VLConfig, rotary_emb: nn.Module,
-                 capture_saliency: bool = True):
+                 capture_saliency: bool = True, saliency_keys: SaliencyKeyCache | None = None):
         super().__init__()
         self.key_mask, self.eligible, self.chunks, self.chunk_index = key_mask, eligible, chunks, chunk_index
         self.router_cache, self.config, self.rotary_emb = router_cache, config, rotary_emb
         self.capture_saliency = capture_saliency
-        self.saliency = {}
+        self.saliency_keys = saliency_keys if capture_saliency else None
+        self.saliency, self.detached_saliency = {}, {}
         self._memo = {}
 
-    def mean_saliency(self) -> torch.Tensor:
+    def mean_saliency(self, detached: bool = False) -> torch.Tensor:
         """Eq. 4 restricted to the last token: mean over layers and heads, `(batch, past + seq)` (0 for a row
-        without any attendable key)."""
-        return torch.stack([self.saliency[i] for i in sorted(self.saliency)]).mean(0).nan_to_num(0.0)
+        without any attendable key). `detached=True`: the same from `detached_saliency`."""
+        rows = self.detached_saliency if detached else self.saliency
+        return torch.stack([rows[i] for i in sorted(rows)]).mean(0).nan_to_num(0.0)
 
     def masked_keys(self) -> torch.Tensor:
         """`(batch, 1, past + seq)` bool, keys the last token may not attend (computed once per pass)."""
@@ -328,7 +353,24 @@ class VedasDecoderLayerMixin:
                 vedas_pass.saliency[self.layer_idx] = saliency
             if saliency.requires_grad:
                 output = _BackwardAfter.apply(output, saliency)
+            if vedas_pass.saliency_keys is not None:
+                output = self._detached_saliency(output, hidden_states, position_embeddings, vedas_pass, replay)
         return output
+
+    def _detached_saliency(self, output, hidden_states, position_embeddings, vedas_pass, replay):
+        """Record the last token's attention row computed from this layer's detached inputs (`SaliencyKeyCache`):
+        the same values as the saliency, with gradient to `q_proj`, `k_proj` and the input norm only."""
+        detached = hidden_states.detach()
+        attn, (batch, seq, _) = self.self_attn, detached.shape
+        keys = attn.k_proj(self.input_layernorm(detached)).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (B, 1, seq, hd)
+        keys = vedas_pass.saliency_keys.extend(
+            self.layer_idx, vedas_pass.chunk_index, keys * cos + rotate_half(keys) * sin, store=not replay
+        )
+        saliency = self._last_token_attention(detached, position_embeddings, keys, vedas_pass.masked_keys())
+        if not replay:
+            vedas_pass.detached_saliency[self.layer_idx] = saliency
+        return _BackwardAfter.apply(output, saliency) if saliency.requires_grad else output
 
     # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
 
@@ -687,9 +729,10 @@ class VedasForConditionalGenerationMixin:
         return out.last_hidden_state
 
     def _routed_pass(self, embeds, positions, full_mask, cache, router_cache, eligible, chunks, chunk_index,
-                     capture_saliency=True):
-        """A routed (implicit-phase) pass over one or several chunks; returns hidden states and the saliency
-        `(batch, cached_len)` of the last token (`None` without `capture_saliency`)."""
+                     capture_saliency=True, saliency_keys=None):
+        """A routed (implicit-phase) pass over one or several chunks; returns hidden states, the saliency
+        `(batch, cached_len)` of the last token (`None` without `capture_saliency`) and, with a `SaliencyKeyCache`
+        as `saliency_keys`, the same row from the layers' detached inputs (else `None`)."""
         vedas_pass = VedasPass(
             key_mask=full_mask.bool(),
             eligible=eligible,
@@ -699,17 +742,24 @@ class VedasForConditionalGenerationMixin:
             config=self.config,
             rotary_emb=self.model.language_model.rotary_emb,
             capture_saliency=capture_saliency,
+            saliency_keys=saliency_keys,
         )
         hidden = self._language_pass(embeds, positions, full_mask, cache, vedas_pass)
-        return hidden, vedas_pass.mean_saliency() if capture_saliency else None
+        if not capture_saliency:
+            return hidden, None, None
+        detached = vedas_pass.mean_saliency(detached=True) if saliency_keys is not None else None
+        return hidden, vedas_pass.mean_saliency(), detached
 
     # ---- visual replay (eqs. 4-6) ---------------------------------------------------------------------------
 
-    def _replay_tokens(self, saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k):
+    def _replay_tokens(self, saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k,
+                       detached_saliency=None):
         """Select the top-K unvisited visual tokens and build the replay tokens B(t).
 
         Args:
             saliency: `(batch, cached_len)` last-token attention; its first `prompt_len` columns are the prompt.
+            detached_saliency: the same row from the layers' detached inputs (`SaliencyKeyCache`), or `None`. When
+                given, the weights of `pooled` take their gradient from it (their values stay those of eq. 6).
             visual_pos: `(batch, Nv)` prompt column of each visual token; visual_valid `(batch, Nv)` bool.
             visited: `(batch, Nv)` bool, tokens replayed at earlier steps.
             prompt_embeds: `(batch, prompt_len, hidden)` prompt input embeddings (vision features at image slots).
@@ -730,11 +780,17 @@ class VedasForConditionalGenerationMixin:
         weights = weights.unsqueeze(-1).to(visual.dtype)  # (B, K, 1)
         weighted = weights * visual
         # b(t) = Pool(B(t)), the TokenSR input. Its target is the vision tower's own encoding of the crop, so by default
-        # the visual features enter it as values only: the loss cannot lower itself by degrading the tower's features
-        # (it reaches the saliency weights, and through them every layer's queries and keys, and TokenSR).
+        # the visual features enter it as values only and its weights take their gradient from the saliency of the
+        # layers' detached inputs: the loss reaches TokenSR and every layer's queries and keys, never the tower.
         pooled_visual = visual if self.config.recon_grad_to_vision else visual.detach()
+        pooled_weights = weights
+        if detached_saliency is not None:
+            scores = detached_saliency.gather(1, visual_pos).gather(1, index).masked_fill(~index_valid, float("-inf"))
+            detached = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid
+            detached = detached.unsqueeze(-1).to(visual.dtype)
+            pooled_weights = weights.detach() + (detached - detached.detach())  # values of eq. 6, gradient of these
         count = index_valid.sum(dim=1, keepdim=True).clamp(min=1)
-        pooled = (weights * pooled_visual).sum(dim=1) / count.to(visual.dtype)  # (B, hidden)
+        pooled = (pooled_weights * pooled_visual).sum(dim=1) / count.to(visual.dtype)  # (B, hidden)
         if self.config.replay_mode == "soft_mix":
             return weighted.sum(dim=1, keepdim=True), index_valid.any(dim=1, keepdim=True), index, index_valid, pooled
         return weighted, index_valid, index, index_valid, pooled
@@ -763,9 +819,13 @@ class VedasForConditionalGenerationMixin:
         router_cache = VedasRouterCache()
         steps = step_active.shape[1]
         replay = config.replay_mode != "none"
-        prompt_hidden, saliency = self._routed_pass(
+        # the reconstruction loss's saliency weights, from the layers' detached inputs (see `_replay_tokens`)
+        saliency_keys = (SaliencyKeyCache() if compute_recon and replay and not config.recon_grad_to_vision
+                         and torch.is_grad_enabled() else None)
+        prompt_hidden, saliency, detached_saliency = self._routed_pass(
             prompt_embeds, positions, attention_mask, cache, router_cache,
             attention_mask.bool(), [(0, input_ids.shape[1])], 0, capture_saliency=replay and steps > 0,
+            saliency_keys=saliency_keys,
         )
 
         visual_pos, visual_valid = _visual_positions(input_ids == config.image_token_id)
@@ -781,7 +841,7 @@ class VedasForConditionalGenerationMixin:
             chunk, chunk_valid, replay_columns = latent, active[:, None], None
             if top_k > 0:
                 tokens, tokens_valid, index, index_valid, pooled = self._replay_tokens(
-                    saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
+                    saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k, detached_saliency
                 )
                 chunk = torch.cat([tokens, latent], dim=1)
                 chunk_valid = torch.cat([tokens_valid, active[:, None]], dim=1)
@@ -794,9 +854,10 @@ class VedasForConditionalGenerationMixin:
             chunk_positions, position_mask = self._chunk_positions(
                 position_mask, chunk_mask, positions, replay_columns, rope_deltas
             )
-            hidden, saliency = self._routed_pass(
+            hidden, saliency, detached_saliency = self._routed_pass(
                 chunk, chunk_positions, full_mask, cache, router_cache,
                 chunk_valid, [(0, chunk.shape[1])], step + 1, capture_saliency=replay and step + 1 < steps,
+                saliency_keys=saliency_keys,
             )
             last_hidden = hidden[:, -1]
             latent_hidden.append(last_hidden)

@@ -67,7 +67,7 @@ def uncached_first_answer_logits(model, batch, steps):
         return model._routed_pass(embeds, positions, full_mask, DynamicCache(config=config.text_config),
                                   VedasRouterCache(), eligible, chunks, 0)
 
-    hidden, saliency = full_pass(embeds, positions, full_mask, chunks, eligible)
+    hidden, saliency, _ = full_pass(embeds, positions, full_mask, chunks, eligible)
     for _ in range(steps):
         tokens, tokens_valid, index, index_valid, _ = model._replay_tokens(
             saliency, visual_pos, visual_valid, visited, prompt_embeds, active, top_k
@@ -89,13 +89,13 @@ def uncached_first_answer_logits(model, batch, steps):
         embeds = torch.cat([embeds, chunk], dim=1)
         full_mask = torch.cat([full_mask, chunk_valid.long()], dim=1)
         eligible = torch.cat([eligible, chunk_valid], dim=1)
-        hidden, saliency = full_pass(embeds, positions, full_mask, chunks, eligible)
+        hidden, saliency, _ = full_pass(embeds, positions, full_mask, chunks, eligible)
     end = model.get_input_embeddings()(torch.full_like(start, config.end_latent_token_id))
     embeds = torch.cat([embeds, end], dim=1)
     positions = torch.cat([positions, next_text[None, :, None].expand(3, -1, 1)], dim=2)
     full_mask = torch.cat([full_mask, torch.ones_like(start)], dim=1)
     eligible = torch.cat([eligible, torch.zeros_like(start, dtype=torch.bool)], dim=1)
-    hidden, _ = full_pass(embeds, positions, full_mask, chunks, eligible)
+    hidden, _, _ = full_pass(embeds, positions, full_mask, chunks, eligible)
     return model.lm_head(hidden[:, -1])
 
 

@@ -9,7 +9,8 @@ with attention written out (so eq. 4 reads real attention maps):
     eq. 1   the latent's input is the last hidden state of the previous pass
     eq. 4   saliency = mean over layers and heads of the last token's attention row
     eq. 5   the top-K unvisited visual tokens by saliency
-    eq. 6   B(t) = softmax(saliency of the selected) * v;  b(t) = mean over the K weighted tokens (values only)
+    eq. 6   B(t) = softmax(saliency of the selected) * v;  b(t) = mean over the K weighted tokens (values only, its
+            weights differentiable through the saliency of the layers' detached inputs: no path into the tower)
     eq. 7   the W x W window of the merged grid holding most selected tokens (brute force)
     eq. 8   u_ref = mean of the vision tower's encoding of that crop, sliced by hand from the image as the processor
             normalises it, resized back to the image's size and patchified by the image processor itself
@@ -117,20 +118,35 @@ def routed(layer, h0, cos, sin, chunks, alpha, rotary, rearrange):
     return out
 
 
+def last_row_of_detached_attention(layer, h, cos, sin):
+    """The last token's attention `(heads, n)` recomputed from the layer's input `h` `(n, hidden)` with its
+    gradient stopped: differentiable with respect to the query / key projections and the input norm only (the
+    reconstruction loss's saliency when `recon_grad_to_vision=False`)."""
+    attn, n = layer.self_attn, h.shape[0]
+    x = rms_norm(layer.input_layernorm, h.detach())
+    q = attn.q_proj(x[-1:]).view(1, -1, attn.head_dim).transpose(0, 1)
+    k = attn.k_proj(x).view(n, -1, attn.head_dim).transpose(0, 1)
+    q, k = q * cos[-1:] + rotate_half(q) * sin[-1:], k * cos + rotate_half(k) * sin
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    return (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).softmax(-1)[:, 0]
+
+
 def language_model(model, embeds, positions, chunks):
-    """Final-norm hidden states `(n, hidden)` and per-layer attention maps of one row; `positions` `(3, n)`."""
+    """Final-norm hidden states `(n, hidden)`, per-layer attention maps and per-layer last-row attention from
+    detached inputs of one row; `positions` `(3, n)`."""
     lm, config = model.model.language_model, model.config
     cos, sin = lm.rotary_emb(embeds[None], positions[:, None])
     cos, sin = cos[0].to(embeds.dtype), sin[0].to(embeds.dtype)
     n = embeds.shape[0]
-    h, maps = embeds, []
+    h, maps, detached = embeds, [], []
     for layer_idx, layer in enumerate(lm.layers):
+        detached.append(last_row_of_detached_attention(layer, h, cos, sin))
         h, layer_maps = decoder_layer(layer, h, cos, sin, torch.ones(n, n, dtype=torch.bool).tril())
         maps.append(layer_maps)
         if layer.router is not None:
             h = routed(layer, h, cos, sin, chunks, alpha_of(config, layer_idx), lm.rotary_emb,
                        config.router_positions == "rearrange")
-    return rms_norm(lm.norm, h), maps
+    return rms_norm(lm.norm, h), maps, detached
 
 
 def normalised_image(processor, image):
@@ -194,7 +210,7 @@ def reference_forward(model, processor, image, question, steps, answer_ids):
     _, grid_h, grid_w = batch["image_grid_thw"][0].tolist()
     merged_h, merged_w = grid_h // config.vision_config.spatial_merge_size, grid_w // config.vision_config.spatial_merge_size
 
-    hidden, maps = language_model(model, embeds, positions, chunks)
+    hidden, maps, detached = language_model(model, embeds, positions, chunks)
     visited, selections, recon, latent_columns = set(), [], [], []
     for _ in range(steps):
         saliency = torch.stack([m[:, -1, :] for m in maps]).mean(dim=(0, 1))  # eq. 4
@@ -207,7 +223,11 @@ def reference_forward(model, processor, image, question, steps, answer_ids):
         weights = saliency[columns].softmax(dim=0)  # eq. 6
         values = prompt_embeds[columns]
         replayed = weights[:, None].to(values.dtype) * values
-        pooled = (weights[:, None].to(values.dtype) * values.detach()).mean(dim=0)  # b(t), values only
+        if config.recon_grad_to_vision:  # b(t) with its full gradient (the research path)
+            pooled = (weights[:, None].to(values.dtype) * values).mean(dim=0)
+        else:  # b(t): values only, weights differentiable through the detached-input saliency only
+            weights_r = torch.stack(detached).mean(dim=(0, 1))[columns].softmax(dim=0)
+            pooled = (weights_r[:, None].to(values.dtype) * values.detach()).mean(dim=0)
         size = min(config.recon_window, merged_h, merged_w)
         window = densest_window_brute_force([divmod(j, merged_w) for j in top], merged_h, merged_w, size)  # eq. 7
         target = reconstruction_target(model, processor, image, window, size).detach()  # eq. 8, a fixed target
@@ -224,7 +244,7 @@ def reference_forward(model, processor, image, question, steps, answer_ids):
         embeds = torch.cat([embeds, chunk])
         positions = torch.cat([positions, chunk_positions], dim=1)
         latent_columns.append(embeds.shape[0] - 1)
-        hidden, maps = language_model(model, embeds, positions, chunks)
+        hidden, maps, detached = language_model(model, embeds, positions, chunks)
 
     tail_ids = torch.tensor([config.end_latent_token_id, *answer_ids])
     tail = model.get_input_embeddings()(tail_ids)
@@ -232,7 +252,7 @@ def reference_forward(model, processor, image, question, steps, answer_ids):
     columns = list(range(ids.shape[1])) + latent_columns + list(range(embeds.shape[0], embeds.shape[0] + len(tail)))
     embeds = torch.cat([embeds, tail])
     positions = torch.cat([positions, tail_positions], dim=1)
-    hidden, _ = language_model(model, embeds, positions, chunks)  # the answer tokens are not routed
+    hidden, _, _ = language_model(model, embeds, positions, chunks)  # the answer tokens are not routed
     logits = model.lm_head(hidden[columns])
     labels = torch.full((len(columns),), -100)
     labels[-len(answer_ids):] = torch.tensor(answer_ids)
@@ -297,12 +317,15 @@ def test_reference_covers_windows_away_from_the_origin_and_alpha_below_the_chunk
 # ---- gradients ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["sequential-K3-W2-D1-fixed-linear", "image-pos-K2-W2-D2-cosine-mlp"])
-def test_gradients_equal_the_reference(vedas_dir, processor, images, case):
+@pytest.mark.parametrize("case,grad_to_vision", [("sequential-K3-W2-D1-fixed-linear", False),
+                                                  ("image-pos-K2-W2-D2-cosine-mlp", False),
+                                                  ("sequential-K3-W2-D1-fixed-linear", True)])
+def test_gradients_equal_the_reference(vedas_dir, processor, images, case, grad_to_vision):
     """Autograd through the model's cached latent passes equals autograd through the whole-sequence reference, for
-    every parameter (the latent chain, the saliency weights and the routers included)."""
+    every parameter (the latent chain, the saliency weights and the routers included), with the reconstruction
+    loss's stop-gradients (default) and without them (`recon_grad_to_vision=True`)."""
     overrides, steps, image_index = CASES[case]
-    model = load_case(vedas_dir, overrides)
+    model = load_case(vedas_dir, {**overrides, "recon_grad_to_vision": grad_to_vision})
     image, question = images[image_index], "Which shape is on the left?"
     model.zero_grad()
     model_forward(model, processor, image, question, steps, ANSWER).loss.backward()
@@ -317,9 +340,11 @@ def test_gradients_equal_the_reference(vedas_dir, processor, images, case):
 
 def test_gradients_equal_finite_differences_of_the_reference_in_float64(vedas_dir, processor, images):
     """In float64, the model's gradient of the total loss equals central finite differences of the reference's loss
-    for a router gate, a router score weight, a query weight, a latent-only path (the final norm) and TokenSR."""
+    for a router gate, a router score weight, a query weight, a latent-only path (the final norm) and TokenSR.
+    With `recon_grad_to_vision=True` (no stop-gradient on any of these parameters' paths) the gradient is the true
+    one; the default's stop-gradients are checked against the reference's autograd above."""
     overrides, steps, image_index = CASES["sequential-K3-W2-D1-fixed-linear"]
-    model = load_case(vedas_dir, overrides, dtype=torch.float64)
+    model = load_case(vedas_dir, {**overrides, "recon_grad_to_vision": True}, dtype=torch.float64)
     image, question = images[image_index], "Which shape is on the left?"
     model.zero_grad()
     model_forward(model, processor, image, question, steps, ANSWER).loss.backward()

@@ -533,3 +533,92 @@ def test_collator_mixes_rows_with_and_without_images(processor, images, order):
     assert len(with_images) == 2
     assert torch.equal(batch["pixel_values"], torch.cat([e["pixel_values"] for e in with_images]))
     assert torch.equal(batch["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in with_images]))
+
+
+# ---- images PIL opens but the model would see wrongly, or that are not local files -----------------------------
+
+
+def test_images_over_the_pil_pixel_limit_name_the_record_and_the_fix(tmp_path, monkeypatch):
+    """PIL refuses images over twice `MAX_IMAGE_PIXELS` and warns over it; both are a `ValueError` naming the record,
+    the path, the pixel count, the limit and how to allow the file."""
+    from PIL import Image
+
+    _, records = _image_records(tmp_path, 2, side=16)  # 256 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    path = str(tmp_path / "1.png")
+    with pytest.raises(ValueError, match=(
+            rf"Record 1: image '{path}' has 256 pixels, over PIL's limit PIL.Image.MAX_IMAGE_PIXELS=100 \(a guard "
+            r"against decompression bombs\). Downscale the image, or, if you trust the file, raise the limit before "
+            r"loading the data: PIL.Image.MAX_IMAGE_PIXELS = 256.")):
+        normalize_record(records[1], 1)
+    with pytest.raises(ValueError, match=r"Record 0: image '.*0.png' has 256 pixels, over PIL's limit"):
+        NormalizedRecords(records)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 256 is within twice the limit: PIL would only warn
+    with pytest.raises(ValueError, match=r"Record 1: image '.*1.png' has 256 pixels, .*MAX_IMAGE_PIXELS=200 "):
+        normalize_record(records[1], 1)
+    raw = (tmp_path / "1.png").read_bytes()
+    with pytest.raises(ValueError, match=r"Record 3: image '<image bytes>' has 256 pixels"):
+        normalize_record({**records[1], "image": {"bytes": raw, "path": None}}, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)
+    assert normalize_record(records[1], 1)["images"][0].size == (16, 16)
+
+
+def test_url_image_paths_are_named_not_mangled_into_missing_files(tmp_path):
+    """`https://` (any `scheme://`) image paths are kept as written by `load_records` (joining them to the file's
+    folder gave `.../https:/...`) and are a `ValueError` naming the record and the URL: nothing is downloaded."""
+    url, bucket = "https://example.com/images/cat.png", "s3://bucket/dog.png"
+    rows = [{"image": url, "question": "q", "steps": ["s"], "answer": "1"},
+            {"images": [{"bytes": None, "path": bucket}], "question": "q", "steps": ["s"], "answer": "2"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = load_records(tmp_path / "data.jsonl")
+    assert records[0]["image"] == url and records[1]["images"] == [{"bytes": None, "path": bucket}]
+    with pytest.raises(ValueError, match=(
+            r"Record 0: image 'https://example.com/images/cat.png' is a URL; remote images are not downloaded "
+            r"\(loading data never reaches the network\). Download the images and point the record to the local "
+            r"files")):
+        NormalizedRecords(records)
+    with pytest.raises(ValueError, match=r"Record 1: image 's3://bucket/dog.png' is a URL; remote images are not"):
+        normalize_record(records[1], 1)
+    with pytest.raises(ValueError, match=r"Record 5: image 'http://host:8000/a.jpg' is a URL"):  # no data file
+        normalize_record({**rows[0], "image": "http://host:8000/a.jpg"}, 5)
+
+
+def test_float_and_deep_integer_images_are_scaled_to_8_bits(tmp_path):
+    """Float images ("F") with values in 0..1 are scaled by 255 (a plain conversion makes them black), in 0..255
+    kept; 16-bit ("I;16") by 65535; 32-bit ("I") by their max above 255. Negative or NaN values are a `ValueError`
+    naming the record, the mode and the value range."""
+    from PIL import Image
+
+    def read(name, values, index=0):
+        image = Image.fromarray(np.array([values], dtype=np.asarray(values).dtype))
+        if name is None:
+            return normalize_record({"image": image, "question": "q", "steps": ["a"], "answer": "1"}, index)
+        image.save(tmp_path / name)
+        (tmp_path / "data.jsonl").write_text(json.dumps({"image": name, "question": "q", "steps": ["a"],
+                                                         "answer": "1"}))
+        assert Image.open(tmp_path / name).mode == image.mode
+        (record,) = load_records(tmp_path / "data.jsonl")
+        return normalize_record(record, index)
+
+    def grey(record):
+        pixels = np.asarray(record["images"][0])
+        assert pixels.dtype == np.uint8 and (pixels == pixels[..., :1]).all()  # grey RGB
+        return pixels[0, :, 0].tolist()
+
+    assert grey(read("gradient.tif", np.array([0.0, 0.2, 0.5, 1.0], np.float32))) == [0, 51, 128, 255]
+    assert grey(read("levels.tif", np.array([0.0, 100.4, 254.6, 255.0], np.float32))) == [0, 100, 255, 255]
+    assert grey(read("deep.png", np.array([0, 25700, 65535], np.uint16))) == [0, 100, 255]
+    assert grey(read("dark.png", np.array([0, 255, 514], np.uint16))) == [0, 1, 2]  # by the type's max, not 255
+    assert grey(read(None, np.array([0, 500, 1000], np.int32))) == [0, 128, 255]
+    assert grey(read(None, np.array([0, 200], np.int32))) == [0, 200]
+    with pytest.raises(ValueError, match=(
+            r"Record 2: cannot read image '.*negative.tif' \(mode 'F' image has values from -0.5 to 1, outside the "
+            r"ranges read as grey levels .*; rescale it to 8-bit \(0..255\)")):
+        read("negative.tif", np.array([-0.5, 1.0], np.float32), index=2)
+    with pytest.raises(ValueError, match=r"Record 0: .*mode 'F' image has values from 0 to 1 and NaN or infinite"):
+        read("nan.tif", np.array([0.0, np.nan, 1.0], np.float32))
+    with pytest.raises(ValueError, match=r"mode 'F' image has values from 0 to 300, outside the ranges"):
+        read(None, np.array([0.0, 300.0], np.float32))
+    with pytest.raises(ValueError, match=r"Record 4: cannot read image '<PIL image>' \(mode 'I' image has values from"
+                                         r" -3 to 7"):
+        read(None, np.array([-3, 7], np.int32), index=4)

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +384,96 @@ def test_push_never_uploads_hidden_files_or_run_leftovers(vedas_dir, tmp_path, m
     monkeypatch.setattr(vedas_hf.push, "HfApi", lambda token=None: FakeHfApi())
     vedas_hf.push.main([str(folder), "me/vedas-tiny"])
     assert f"Skipping 8 leftover or hidden files: {', '.join(sorted(leftovers))}\n" in capsys.readouterr().out
+
+
+# ---- push: weight integrity, evaluation outputs, dry run, run folders -----------------------------------------------
+
+
+def test_push_verifies_every_safetensors_file_from_its_header(vedas_dir, tmp_path):
+    """A weight file cut short by an interrupted save or copy (half of it, or nothing), one with trailing bytes or a
+    garbled header, and an indexed shard cut short are refused before anything is sent, naming file, sizes and fix."""
+    data = Path(vedas_dir, "model.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    garbled = data[:8] + b"{" * header_len + data[8 + header_len:]
+    for name, content, message in [
+        ("half", data[: len(data) // 2], f"is {len(data) // 2} bytes, its header says {len(data)}"),
+        ("empty", b"", "is 0 bytes, too short for a safetensors header"),
+        ("short_header", data[:8] + data[8:100], f"is 100 bytes, its header alone says {8 + header_len}"),
+        ("trailing", data + b"\0" * 16, f"is {len(data) + 16} bytes, its header says {len(data)}"),
+        ("garbled", garbled, "has a corrupt safetensors header"),
+    ]:
+        folder = link_copy(vedas_dir, tmp_path / name, skip={"model.safetensors"})
+        (folder / "model.safetensors").write_bytes(content)
+        api = FakeHfApi()
+        with pytest.raises(ValueError, match=re.escape(f"{folder / 'model.safetensors'} {message}")) as error:
+            push_to_hub(folder, "me/vedas-tiny", api=api)
+        assert "re-save the model with save_pretrained" in str(error.value) and api.calls == []
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    sharded = link_copy(vedas_dir, tmp_path / "sharded", skip={"model.safetensors"},
+                        extra={"model.safetensors.index.json": json.dumps(index)})
+    os.symlink(Path(vedas_dir, "model.safetensors"), sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model-00002-of-00002.safetensors").write_bytes(data[:-1])
+    with pytest.raises(ValueError, match=re.escape(f"{sharded / 'model-00002-of-00002.safetensors'} is "
+                                                   f"{len(data) - 1} bytes, its header says {len(data)}")):
+        check_folder(sharded)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    os.symlink(Path(vedas_dir, "model.safetensors"), sharded / "model-00002-of-00002.safetensors")
+    assert "model-00002-of-00002.safetensors" in check_folder(sharded)
+    (sharded / "extra.safetensors").write_bytes(b"")  # any root-level safetensors file is checked, indexed or not
+    with pytest.raises(ValueError, match=re.escape(f"{sharded / 'extra.safetensors'} is 0 bytes")):
+        check_folder(sharded)
+
+
+def test_push_never_uploads_evaluation_outputs(vedas_dir, tmp_path):
+    """examples/eval.py writes <checkpoint>/eval/{eval.json, eval.md, windows/sample_*.png} by default."""
+    outputs = ["eval/eval.json", "eval/eval.md", "eval/windows/sample_0000.png", "eval/windows/sample_0001.png"]
+    folder = link_copy(vedas_dir, tmp_path / "evaluated", extra={name: "x" for name in outputs})
+    files = check_folder(folder)
+    assert files == sorted(os.listdir(vedas_dir))
+    assert vedas_hf.push.split_files(folder)[1] == sorted(outputs)
+    from huggingface_hub.utils import filter_repo_objects
+
+    assert list(filter_repo_objects(sorted(outputs + files), ignore_patterns=IGNORE_PATTERNS)) == files
+    api = FakeHfApi()
+    push_to_hub(folder, "me/vedas-tiny", api=api)
+    assert api.calls[-1][2]["allow_patterns"] == files and "eval/*" in api.calls[-1][2]["ignore_patterns"]
+
+
+def test_push_dry_run_checks_and_lists_files_without_calling_the_hub(vedas_dir, tmp_path, monkeypatch, capsys):
+    folder = link_copy(vedas_dir, tmp_path / "dry", extra={"wandb/run-1/logs.txt": "x", "eval/eval.json": "{}"})
+    api = FakeHfApi()
+    files = push_to_hub(folder, "me/vedas-tiny", private=True, revision="v1", api=api, dry_run=True)
+    assert files == check_folder(folder) and api.calls == []
+    out = capsys.readouterr().out
+    size = Path(vedas_dir, "model.safetensors").stat().st_size
+    assert f"would upload {len(files)} files" in out and f"{size:,}  model.safetensors\n" in out
+    assert "Would skip 2 leftover or hidden files: eval/eval.json, wandb/run-1/logs.txt" in out
+    apis = []
+    monkeypatch.setattr(vedas_hf.push, "HfApi", lambda token=None: apis.append(FakeHfApi()) or apis[-1])
+    vedas_hf.push.main([str(folder), "me/vedas-tiny", "--dry-run"])
+    assert all(not api.calls for api in apis)
+    assert "Nothing was created or uploaded." in capsys.readouterr().out
+    broken = link_copy(vedas_dir, tmp_path / "dry_broken", skip={"model.safetensors"})
+    (broken / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is 0 bytes"):  # a dry run runs every check
+        push_to_hub(broken, "me/vedas-tiny", api=api, dry_run=True)
+    assert api.calls == []
+
+
+def test_push_points_a_training_run_folder_at_its_final_or_newest_checkpoint(vedas_dir, tmp_path):
+    """A run folder (examples/sft.py output_dir) holds final/ and checkpoint-<step>/ models but no config.json."""
+    run = tmp_path / "run"
+    link_copy(vedas_dir, run / "final")
+    for step in (5, 40, 100):
+        link_copy(vedas_dir, run / f"checkpoint-{step}", skip={"README.md"})
+    with pytest.raises(ValueError, match=re.escape(f"did you mean {run / 'final'}?")):
+        check_folder(run)
+    shutil.rmtree(run / "final")
+    with pytest.raises(ValueError, match=re.escape(f"pass its newest checkpoint, {run / 'checkpoint-100'},")):
+        check_folder(run)  # by step: checkpoint-100, not the lexically last checkpoint-5
+    empty = link_copy(vedas_dir, tmp_path / "no_config", skip={"config.json"},
+                      extra={"checkpoint-7/notes.txt": "no model here"})
+    with pytest.raises(ValueError, match=re.escape(f"{empty} has no config.json, so it is not a saved model")) as error:
+        check_folder(empty)
+    assert "did you mean" not in str(error.value) and "trainer.save_model" in str(error.value)

@@ -15,6 +15,7 @@ import operator
 import struct
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,40 +66,97 @@ def split_rationale(text: str, max_steps: int) -> list[str]:
     return steps
 
 
+def _deep_grey_to_8_bit(image: Image.Image) -> Image.Image:
+    """Mode "F" (float), "I" (32-bit) or "I;16*" (16-bit) greyscale as 8-bit "L" (a plain conversion clips: floats in
+    0..1 become black, 16-bit values white). "F": values within 0..1 are scaled by 255, within 0..255 kept; "I;16*":
+    scaled by 65535 (the type's max); "I": kept up to 255, else scaled by the image's max. Negative, NaN or infinite
+    values (and floats above 255) are a `ValueError` naming the mode and the value range."""
+    values = np.asarray(image, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
+    if finite.size < values.size or low < 0 or (image.mode == "F" and high > 255):
+        invalid = " and NaN or infinite values" if finite.size < values.size else ""
+        raise ValueError(
+            f"mode {image.mode!r} image has values from {low:g} to {high:g}{invalid}, outside the ranges read as "
+            "grey levels (floats within 0..1 or 0..255, non-negative integers); rescale it to 8-bit (0..255) and "
+            "save it as PNG or JPEG"
+        )
+    if image.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif image.mode == "F" and high <= 1:
+        scale = 255.0
+    else:  # "F" within 0..255, or "I"
+        scale = 255 / high if high > 255 else 1.0
+    return Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """An RGB copy of `image` as the model should see it: EXIF orientation applied (as `datasets` decodes images;
-    unreadable EXIF is ignored), 16- and 32-bit greyscale with values above 255 scaled to 8 bits (a plain conversion
-    clips them to white), transparency composited onto white (as transformers' image processors do; dropping the
-    alpha channel would leave what is under it, often black)."""
+    unreadable EXIF is ignored), float and 16/32-bit greyscale scaled to 8 bits (see [`_deep_grey_to_8_bit`]),
+    transparency composited onto white (as transformers' image processors do; dropping the alpha channel would leave
+    what is under it, often black)."""
     try:
         image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, struct.error):  # unreadable EXIF: the pixels are still fine
         pass
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N") and image.getextrema()[1] > 255:
-        scaled = (np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255)
-        image = Image.fromarray(scaled.astype(np.uint8))
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = _deep_grey_to_8_bit(image)
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 
+def _over_pixel_limit(index: int, name: str, error: Exception) -> str:
+    """The message for PIL's decompression bomb guard refusing image `name` of record `index`."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = found.group(1) if found else "more"
+    return (
+        f"Record {index}: image {name!r} has {pixels} pixels, over PIL's limit PIL.Image.MAX_IMAGE_PIXELS="
+        f"{Image.MAX_IMAGE_PIXELS} (a guard against decompression bombs). Downscale the image, or, if you trust the "
+        f"file, raise the limit before loading the data: PIL.Image.MAX_IMAGE_PIXELS = {pixels if found else 'None'}."
+    )
+
+
 def _open_image(source, name: str, index: int) -> Image.Image:
+    """`source` (a path, a file object or a PIL image) decoded to RGB (see [`_to_rgb`]); a `ValueError` naming the
+    record and `name` for an unreadable image and for one over PIL's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`; PIL
+    itself only warns up to twice the limit)."""
     try:
-        with Image.open(source) as opened:
-            return _to_rgb(opened)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                return _to_rgb(source)
+            with Image.open(source) as opened:
+                return _to_rgb(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(_over_pixel_limit(index, name, error)) from None
     except (OSError, ValueError) as error:
         raise ValueError(f"Record {index}: cannot read image {name!r} ({error}).") from error
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def _check_not_url(image, index: int) -> None:
+    """A `ValueError` naming the record for an image path that is a URL (`https://`, `s3://`, any `scheme://`): path
+    joining would mangle it (`https:/...`) into a missing file."""
+    if isinstance(image, str) and _URL.match(image):
+        raise ValueError(
+            f"Record {index}: image {image!r} is a URL; remote images are not downloaded (loading data never reaches "
+            "the network). Download the images and point the record to the local files (paths relative to the data "
+            "file's folder, or absolute; for a file:// URL, its path)."
+        )
+
+
 def _load_image(image, index: int, base_dir: Path | None):
     """A record's image (a PIL image, a path, or a `datasets` `Image(decode=False)` value `{"bytes", "path"}`) as
-    RGB (see [`_to_rgb`])."""
+    RGB (see [`_to_rgb`]); a URL is a `ValueError` (see [`_check_not_url`])."""
     lazy = isinstance(image, ImageFile.ImageFile) and getattr(image, "fp", None) is not None
     if lazy and image.filename and image.tell() == 0:
         image = image.filename  # opened lazily: read from its file, so the caller's object is not loaded (and kept)
     if isinstance(image, Image.Image):
-        return _to_rgb(image)
+        return _open_image(image, getattr(image, "filename", "") or "<PIL image>", index)
     if isinstance(image, dict) and image and set(image) <= {"bytes", "path"}:
         if isinstance(image.get("bytes"), (bytes, bytearray, memoryview)):
             return _open_image(io.BytesIO(image["bytes"]), image.get("path") or "<image bytes>", index)
@@ -109,6 +167,7 @@ def _load_image(image, index: int, base_dir: Path | None):
             )
         image = image["path"]
     if isinstance(image, (str, Path)):
+        _check_not_url(image, index)
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
@@ -391,10 +450,14 @@ def _read_image_folder(folder: Path) -> list:
 
 
 def _resolved(image, base_dir: Path):
-    """A relative image path (a string, or the `path` of a `{"bytes", "path"}` value) made relative to `base_dir`."""
-    if isinstance(image, str) and not Path(image).is_absolute():
+    """A relative image path (a string, or the `path` of a `{"bytes", "path"}` value) made relative to `base_dir`;
+    URLs are kept as they are (joining would mangle them; [`normalize_record`] names the record holding one)."""
+    def relative(path):
+        return isinstance(path, str) and not _URL.match(path) and not Path(path).is_absolute()
+
+    if relative(image):
         return str(base_dir / image)
-    if isinstance(image, dict) and isinstance(image.get("path"), str) and not Path(image["path"]).is_absolute():
+    if isinstance(image, dict) and relative(image.get("path")):
         return {**image, "path": str(base_dir / image["path"])}
     return image
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
+from vedas_hf.convert import check_checkpoint_argument
 from vedas_hf.data import DATASET_FORMATS, dataset_adapter, load_records
 from vedas_hf.eval import evaluate, markdown_table, window_images
 
@@ -57,6 +58,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    check_checkpoint_argument(args.checkpoint, "checkpoint")
     records = load_test_records(args)  # before the model: a bad file or count fails fast
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True,
                                                         revision=args.revision)

@@ -36,7 +36,8 @@ from trl import TrlParser
 import vedas_hf  # noqa: F401  (registers the Auto classes)
 from vedas_hf.data import DATASET_FORMATS, NormalizedRecords, dataset_adapter, load_records
 from vedas_hf.eval import evaluate
-from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
+from vedas_hf.convert import check_checkpoint_argument
+from vedas_hf.trainer import CHECKPOINTING_FIELD, VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
 
 
 @dataclass
@@ -76,9 +77,9 @@ DEMO_DEFAULTS = dict(
     save_total_limit=2,
     report_to="none",
     bf16=False,
-    gradient_checkpointing=False,  # TRL's default is on; pass --gradient_checkpointing for large models
     seed=0,
 )
+DEMO_DEFAULTS[CHECKPOINTING_FIELD] = False  # TRL's default is on; pass --activation_checkpointing for large models
 
 
 def toy_task_kwargs(script_args) -> dict:
@@ -155,6 +156,13 @@ def main(argv=None):
     if uses_bundled_task(argv):  # the demo's settings; a run on the user's data keeps VedasSFTConfig's (TRL's)
         parser.set_defaults(**DEMO_DEFAULTS)
     script_args, training_args = parser.parse_args_and_config(argv)
+    if script_args.dataset_path is not None and script_args.model_name_or_path is None:
+        raise ValueError(
+            f"--dataset_path {script_args.dataset_path} needs --model_name_or_path: a Vedas checkpoint folder or Hub "
+            "repo (convert a stock one with python -m vedas_hf.convert). Without both, sft.py trains the bundled demo."
+        )
+    if script_args.model_name_or_path is not None:
+        check_checkpoint_argument(script_args.model_name_or_path, "--model_name_or_path")
     # the data first: a missing or malformed file fails before any model is loaded (or the demo reader pretrained)
     train_records, test_records = load_data(script_args, training_args)
     evaluating = training_args.eval_strategy != "no"

@@ -43,7 +43,7 @@ import vedas_hf  # noqa: F401  (registers the Auto classes)
 from vedas_hf.diagnostics import router_diagnostics
 from vedas_hf.eval import evaluate
 from vedas_hf.stats import format_ci, mean_ci, mean_ci_normal, paired_sample_ci
-from vedas_hf.toy import TASKS, make_task_splits, pretrain_reader, reading_records, toy_sft_config
+from vedas_hf.toy import TASKS, VALIDATION_FRACTION, make_task_splits, pretrain_reader, reading_records, toy_sft_config
 from vedas_hf.trainer import VedasSFTTrainer
 
 
@@ -163,8 +163,9 @@ def reader_for_seed(args, seed: int) -> str:
     stock = None
     if args.hidden_size is not None:
         stock = {"text_config": {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}}
+    # the reader never sees the validation split's source images either
     return pretrain_reader(folder, task=args.task, task_kwargs=task_kwargs(args), num_samples=args.num_reader_samples,
-                           epochs=args.reader_epochs, stock_overrides=stock,
+                           epochs=args.reader_epochs, stock_overrides=stock, validation_fraction=VALIDATION_FRACTION,
                            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                            num_latent_steps=args.max_latent_stage, **TASK_VEDAS_CONFIG)
 

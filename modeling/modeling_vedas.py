@@ -22,6 +22,7 @@ This file is uploaded to the Hub; it imports only torch, transformers and `confi
 
 import copy
 import inspect
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -987,6 +988,7 @@ class VedasForConditionalGenerationMixin:
                        and bool((input_ids == latent_id).any()))
         if has_latents:
             _check_latent_forward_arguments(latent_id, cache, use_cache, kwargs)
+            self.config.check_vedas_fields()  # fields set on the loaded config bypass __init__
         if not continuing and (has_latents or pixel_values is not None):  # a prefill or a latent sequence
             check_model_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                mm_token_type_ids, labels)
@@ -1081,6 +1083,7 @@ class VedasForConditionalGenerationMixin:
                 "attention_mask and the other processor outputs by keyword (**inputs)."
             )
         steps = self._num_latent_steps(num_latent_steps, generation_config)
+        self.config.check_vedas_fields()  # fields set on the loaded config (e.g. replay_top_k = 0) bypass __init__
         if latent_inputs not in ("hidden", "zeros"):
             raise ValueError(f"latent_inputs={latent_inputs!r} is not supported; use 'hidden' (eq. 1) or 'zeros'.")
         if not isinstance(latent_probe_top_k, int) or isinstance(latent_probe_top_k, bool) or latent_probe_top_k < 0:
@@ -1098,6 +1101,7 @@ class VedasForConditionalGenerationMixin:
                 out["latent_trace"] = []
             return out
         self._check_generate_inputs(input_ids, attention_mask, generation_config, kwargs)
+        self._check_position_budget(input_ids, steps, generation_config, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt_ids, prompt_mask, prompt_types = self._with_start_marker(input_ids, attention_mask, mm_token_type_ids)
@@ -1171,9 +1175,34 @@ class VedasForConditionalGenerationMixin:
         if num_latent_steps is None:
             num_latent_steps = self._generation_setting("num_latent_steps", generation_config, {})
         steps = self.config.num_latent_steps if num_latent_steps is None else num_latent_steps
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):  # numpy / torch integers too
+            steps = int(steps)
+        elif isinstance(steps, torch.Tensor) and steps.numel() == 1 and not steps.is_floating_point():
+            steps = int(steps.item())
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"num_latent_steps={steps!r} must be an integer >= 0.")
         return steps
+
+    def _check_position_budget(self, input_ids, steps: int, generation_config, kwargs) -> None:
+        """`ValueError` when the prompt, `steps` latent steps (each `replay_top_k` replayed tokens and the latent,
+        positions advancing as configured) and the new tokens would run past the text model's position limit."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if not limit:
+            return
+        per_step = 1
+        if self.config.replay_mode == "patches" and self.config.replay_positions == "sequential":
+            per_step += self.config.replay_top_k
+        elif self.config.replay_mode == "soft_mix":
+            per_step += 1
+        new_tokens = kwargs.get("max_new_tokens", getattr(generation_config or self.generation_config,
+                                                          "max_new_tokens", None)) or 0
+        needed = input_ids.shape[1] + 2 + steps * per_step + new_tokens  # 2: the latent markers
+        if needed > limit:
+            raise ValueError(
+                f"num_latent_steps={steps} needs up to {needed} positions (prompt {input_ids.shape[1]}, {per_step} per "
+                f"latent step, max_new_tokens={new_tokens}), more than the model's max_position_embeddings={limit}; "
+                "lower num_latent_steps or max_new_tokens, or shorten the prompt."
+            )
 
     def _check_prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, kwargs):
         """Processor outputs of a `generate` prompt (`check_model_inputs`), without latent tokens (they would run the

@@ -177,6 +177,56 @@ def _base_model_name(src: Path, base_model: str | None = None) -> str:
     return resolved.name
 
 
+def check_checkpoint_argument(path: str, flag: str) -> None:
+    """`ValueError` for a checkpoint argument that names a local folder that does not exist (a mistyped path would
+    otherwise be taken for a Hub repository id and fail with a network or repo-id error). A Hub id `owner/name`
+    whose `owner` is not a local folder passes."""
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
+            hint = " (did you mean its final/ folder?)" if os.path.isdir(os.path.join(path, "final")) else ""
+            raise ValueError(f"{flag} {path!r} has no config.json{hint}: pass a checkpoint folder.")
+        return
+    parts = Path(path).parts
+    looks_local = (os.path.isabs(path) or path.startswith((".", "~")) or len(parts) != 2
+                   or os.path.isdir(parts[0]))
+    if looks_local:
+        parent = Path(path).parent
+        while not parent.is_dir() and parent != parent.parent:
+            parent = parent.parent
+        entries = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8] if parent.is_dir() else []
+        raise ValueError(
+            f"{flag} {path!r}: no such folder (folders in {str(parent)!r}: {entries}). Pass a checkpoint folder, or "
+            "a Hub repository id 'owner/name'."
+        )
+
+
+def _is_vedas_parameter(name: str) -> bool:
+    """The parameters Vedas adds to a stock model (routers, TokenSR): absent from every stock checkpoint."""
+    return ".router." in name or name.startswith(("token_sr.", "model.token_sr."))
+
+
+def _load_stock_weights(model_class, src: Path, config, dtype):
+    """The Vedas model with the stock weights of `src`. transformers' own report of the parameters it had to
+    initialise is replaced by one line: the routers and TokenSR are expected there (zero gates keep the converted
+    model equal to the stock one); any other missing weight is a warning naming it."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(src, config=config, dtype=dtype, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", []))
+    added = [name for name in missing if _is_vedas_parameter(name)]
+    logger.info("Initialised the %d Vedas parameters that a stock checkpoint does not have (routers with zero gates, "
+                "TokenSR): expected; the converted model equals the stock one until it is trained.", len(added))
+    other = [name for name in missing if not _is_vedas_parameter(name)]
+    if other:
+        logger.warning("%s lacks %d stock weights, initialised at random: %s", src, len(other), other[:10])
+    return model
+
+
 def _temporary_sibling(dst: Path, kind: str) -> Path:
     """A hidden folder next to `dst` (same file system, so renames are atomic), removed first if left over."""
     path = dst.parent / f".{dst.name}.{kind}-{os.getpid()}"
@@ -258,7 +308,7 @@ def convert_checkpoint(
             "resize the checkpoint's embeddings first."
         )
     config = config_class(**{**stock_kwargs, **token_ids, **config_overrides})
-    model = model_class.from_pretrained(src, config=config, dtype=dtype)
+    model = _load_stock_weights(model_class, src, config, dtype)
     new_ids = [token_ids[f] for f, t in LATENT_TOKENS.items() if t not in existing]
     if new_ids:
         init_token = init_token or tokenizer.eos_token

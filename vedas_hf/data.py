@@ -576,6 +576,26 @@ def check_image_sizes(record: dict, processor) -> None:
             ) from None
 
 
+def example_length(record: dict, stage: int, *, processor, max_latent_stage: int = 4, pad_latent_to_max: bool = True,
+                   use_latent_markers: bool = True, answer_prefix: str = "Answer: ", mode: str = "latent") -> int:
+    """The number of tokens [`build_stage_example`] gives `record` at `stage` (before any `max_length`), counted
+    from the text and the image sizes alone (no pixels are processed): the prompt's text tokens plus, per image,
+    its merged-patch tokens in place of the one placeholder the chat template writes."""
+    tokenizer = processor.tokenizer
+    steps = record["steps"] if mode != "no_cot" else []
+    replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    image_processor = processor.image_processor
+    merge = getattr(image_processor, "merge_size", 1) ** 2
+    for image in record["images"]:
+        length += image_processor.get_number_of_image_patches(image.height, image.width, {}) // merge - 1
+    remaining = steps[replaced:]
+    target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
+    length += len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
+    return length + latents + (2 if latents and use_latent_markers else 0)
+
+
 def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
     """`(steps replaced, latents)` at `stage` for a record with `num_steps` steps."""
     stage = min(stage, max_latent_stage)

@@ -268,6 +268,8 @@ _TASK_SPLITS = {"digits": _digit_splits, "shapes": _shape_splits}
 # Reader pretraining epochs per task: the shapes reader learns slower (it names 36% of the test panels' colour and
 # shape words after 8 epochs and 57% after 16, still rising), so it gets more.
 READER_EPOCHS = {"digits": 8, "shapes": 32}
+# The share of the training source images (digit scans, shape renders) held out for the validation split.
+VALIDATION_FRACTION = 0.15
 
 
 def make_task(task: str, n_train: int, n_test: int, *, seed: int = 0, **task_kwargs) -> tuple[list[dict], list[dict]]:
@@ -278,7 +280,7 @@ def make_task(task: str, n_train: int, n_test: int, *, seed: int = 0, **task_kwa
 
 
 def make_task_splits(task: str, n_train: int, n_validation: int, n_test: int, *, seed: int = 0,
-                     validation_fraction: float = 0.15, **task_kwargs) -> dict:
+                     validation_fraction: float = VALIDATION_FRACTION, **task_kwargs) -> dict:
     """Train, validation and test splits of a bundled task: `{"train", "validation", "test"}` -> records.
 
     The validation split is carved from the training data: its digits (or shape renders) come from a share
@@ -309,17 +311,14 @@ def toy_sft_config(output_dir: str, **fields):
     checkpoints or reports, float32 (TRL's `SFTConfig` defaults to bf16, which on the CPU means bf16 autocast at
     about 5x the step time), activation checkpointing off (TRL's default is on; a tiny model does not need the
     memory and the recompute costs time), on the CPU unless a GPU is present. `fields` override any of these."""
-    from .trainer import VedasSFTConfig
+    from .trainer import CHECKPOINTING_FIELD, VedasSFTConfig
 
     defaults = dict(
         learning_rate=2e-3, per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=20,
         logging_steps=50, save_strategy="no", report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
     )
-    # transformers >= 5.24 renamed `gradient_checkpointing` (the old name still works, with a FutureWarning)
-    names = [name for name in ("activation_checkpointing", "gradient_checkpointing")
-             if name in VedasSFTConfig.__dataclass_fields__]
-    if not set(names) & set(fields):
-        defaults[names[0]] = False
+    if not {"activation_checkpointing", "gradient_checkpointing"} & set(fields):
+        defaults[CHECKPOINTING_FIELD] = False
     return VedasSFTConfig(output_dir=output_dir, **{**defaults, **fields})
 
 
@@ -334,6 +333,7 @@ def pretrain_reader(
     learning_rate: float = 2e-3,
     seed: int = 0,
     stock_overrides: dict | None = None,
+    validation_fraction: float = 0.0,
     **vedas_overrides,
 ) -> str:
     """Build a tiny Vedas checkpoint and teach it to read the images of a bundled task (answer-only training on
@@ -345,6 +345,8 @@ def pretrain_reader(
         output_dir: the initial checkpoint goes to `<output_dir>/init`, the reader to `<output_dir>/final`.
         task: `"digits"` or `"shapes"` (see `make_task`); `task_kwargs` go to its generator (e.g. `num_digits=2`).
         epochs: training epochs; `None` takes the task's entry in `READER_EPOCHS` (8 for digits, 32 for shapes).
+        validation_fraction: the share of the training source images held out for a validation split (as in
+            `make_task_splits`): the reader never sees them either, so validation scores are on unseen images.
         vedas_overrides: Vedas config fields of the checkpoint (e.g. `num_latent_steps=3, replay_top_k=1`).
     Returns:
         The reader checkpoint folder.
@@ -356,7 +358,11 @@ def pretrain_reader(
     from .testing import make_tiny_checkpoint
     from .trainer import VedasSFTTrainer
 
-    train, _ = make_task(task, num_samples, 0, seed=seed, **(task_kwargs or {}))
+    if validation_fraction:
+        train = make_task_splits(task, num_samples, 0, 0, seed=seed, validation_fraction=validation_fraction,
+                                 **(task_kwargs or {}))["train"]
+    else:
+        train, _ = make_task(task, num_samples, 0, seed=seed, **(task_kwargs or {}))
     epochs = READER_EPOCHS[task] if epochs is None else epochs
     init = make_tiny_checkpoint(os.path.join(output_dir, "init"), seed=seed, stock_overrides=stock_overrides,
                                 **vedas_overrides)

@@ -9,12 +9,16 @@ passes), `ce_loss + lambda * recon_loss`; `ce_loss`, `recon_loss` and `stage` ar
 """
 
 import copy
+import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import safetensors.torch
@@ -27,10 +31,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
-from .data import IGNORE_INDEX, NormalizedRecords, VedasDataCollator, build_stage_example, check_image_sizes
+from .data import (END_LATENT, IGNORE_INDEX, LATENT, START_LATENT, NormalizedRecords, VedasDataCollator,
+                   build_stage_example, check_image_sizes, example_length)
 
 
 logger = logging.get_logger(__name__)
+
+
+# transformers >= 5.24 calls activation checkpointing `activation_checkpointing` (`gradient_checkpointing` before,
+# still accepted there with a FutureWarning)
+CHECKPOINTING_FIELD = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                       else "gradient_checkpointing")
 
 
 @dataclass
@@ -122,14 +133,31 @@ class VedasSFTConfig(SFTConfig):
                           "(None: no limit)."},
     )
 
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
+        # transformers >= 5.24 renamed `gradient_checkpointing`; TRL's default of the old name (True) would warn on
+        # every run. Unset here, TRL's default goes to the new name in __post_init__ (a user's old name still wins).
+        gradient_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default: on)."}
+        )
+
     def __post_init__(self):
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under its new name
         # The dataset is built per stage on the fly and batched by VedasDataCollator; TRL must not tokenize it or drop
         # its columns.
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if self.num_train_epochs is None:
             self.num_train_epochs = self.curriculum_epochs if self.curriculum_advances else 3.0
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "use_cpu" not in str(error) or not self.bf16:
+                raise
+            raise ValueError(
+                "bf16=True (TRL's default) needs a GPU and none was found: pass --bf16 False (bf16=False) to train in "
+                "float32 on the CPU, or --use_cpu True to keep bf16 autocast on the CPU (several times slower)."
+            ) from error
         if self.cot_baseline and self.no_cot_baseline:
             raise ValueError("cot_baseline and no_cot_baseline are exclusive; set at most one of them.")
         for name in ("epochs_per_stage", "max_reasoning_steps"):
@@ -207,14 +235,16 @@ class StageRenderer:
 
     Every record is validated when the renderer is built, so a malformed record fails before training starts, not
     when a later stage or epoch reaches it: its fields and images ([`NormalizedRecords`]), each image's size against
-    the image processor's limits (e.g. Qwen2-VL refuses an aspect ratio of 200 or more), and with `max_length` its
-    fit at the largest stage of the schedule (which renders every record once more). Images are decoded when a record
-    is rendered.
+    the image processor's limits (e.g. Qwen2-VL refuses an aspect ratio of 200 or more), with `max_length` its
+    fit at the largest stage of the schedule (which renders every record once more), and without it its length at
+    that stage against `position_limit` (the model's `max_position_embeddings`; counted from text and image sizes).
+    Images are decoded when a record is rendered.
     """
 
-    def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0):
+    def __init__(self, records, processor, args: VedasSFTConfig, stage: int = 0, position_limit: int | None = None):
         self.processor = processor
         self.args = args
+        self.position_limit = position_limit
         self.stage = stage
         self.epoch = 0  # set with the stage each epoch (the earlier-stage draws depend on it)
         self.mix_earlier_stages = False  # the training renderer mixes (`earlier_stage_probability`)
@@ -224,12 +254,24 @@ class StageRenderer:
     def _check(self, record: dict) -> None:
         """`ValueError` for what rendering `record` would refuse at some stage of the schedule."""
         check_image_sizes(record, self.processor)
+        last = self.args.last_stage  # the longest latent block of the schedule
         if self.args.max_length is not None:
-            last = self.args.last_stage  # the longest latent block of the schedule
             try:
                 self._render(record, last)
             except ValueError as error:
                 raise ValueError(f"at curriculum stage {last}: {error}") from None
+        elif self.position_limit is not None:
+            length = example_length(
+                record, last, processor=self.processor, max_latent_stage=self.args.max_latent_stage,
+                pad_latent_to_max=self.args.pad_latent_to_max, use_latent_markers=self.args.use_latent_markers,
+                mode=self.args.data_mode,
+            )
+            if length > self.position_limit:
+                raise ValueError(
+                    f"it is {length} tokens at curriculum stage {last} (images included), more than the model's "
+                    f"max_position_embeddings={self.position_limit}. Shorten it or use smaller images (the processor's "
+                    "max_pixels), leave it out, or set max_length to truncate its reasoning and answer."
+                )
 
     def _render(self, record: dict, stage: int) -> dict:
         return build_stage_example(
@@ -266,9 +308,10 @@ class StageRenderer:
         return {key: [e.get(key) for e in examples] for key in keys}
 
 
-def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0, name: str = "train_dataset"):
+def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0, name: str = "train_dataset",
+                       position_limit: int | None = None):
     """A `datasets.Dataset` of record indices whose rows are rendered on the fly by a [`StageRenderer`]; returns
-    `(dataset, renderer)`. `name` (the trainer argument) goes into the errors."""
+    `(dataset, renderer)`. `name` (the trainer argument) goes into the errors; `position_limit`: see the renderer."""
     from datasets import Dataset
 
     if isinstance(records, dict):
@@ -278,7 +321,7 @@ def curriculum_dataset(records, processor, args: VedasSFTConfig, stage: int = 0,
         )
     if len(records) == 0:
         raise ValueError(f"{name} has no records; check the dataset path, split or sample count.")
-    renderer = StageRenderer(records, processor, args, stage)
+    renderer = StageRenderer(records, processor, args, stage, position_limit=position_limit)
     dataset = Dataset.from_dict({"record_index": list(range(len(renderer.records)))})
     dataset.set_transform(renderer)
     return dataset, renderer
@@ -299,8 +342,10 @@ class CurriculumCallback(TrainerCallback):
         epochs = state.num_train_epochs  # whole epochs, the last one possibly partial (max_steps)
         final = self.args.stage_for_epoch(max(epochs, 1) - 1)
         if final < self.args.inference_latent_steps:
+            schedule = (f"max_steps={args.max_steps}, within epoch {epochs}" if args.max_steps > 0
+                        else f"{args.num_train_epochs:g} epoch{'' if args.num_train_epochs == 1 else 's'}")
             logger.warning(
-                f"The training schedule ({epochs} epochs) ends at curriculum stage {final}, before "
+                f"The training schedule ({schedule}) ends at curriculum stage {final}, before "
                 f"max_latent_stage={self.args.max_latent_stage} (epochs_per_stage={self.args.epochs_per_stage}): the "
                 f"model will run {final} latent steps. Train for {self.args.curriculum_epochs} epochs (the default "
                 "num_train_epochs=None does), or lower max_latent_stage / epochs_per_stage."
@@ -348,6 +393,92 @@ class SaveOnSigtermCallback(TrainerCallback):
             self._previous = None
 
 
+class OutputDirLock:
+    """An exclusive lock on a training run's output folder (`<output_dir>/.vedas_train.lock`, `filelock`), held by
+    the main process for the whole of `train()`, so a second run in the same folder fails at once instead of
+    replacing the first run's checkpoints. The operating system drops the lock when its process ends, so a crashed
+    run leaves none behind; `.vedas_train.json` says who holds it (process, host, start time, command)."""
+
+    def __init__(self, output_dir: str):
+        from filelock import FileLock
+
+        self.output_dir = output_dir
+        self.owner_path = os.path.join(output_dir, ".vedas_train.json")
+        self._lock = FileLock(os.path.join(output_dir, ".vedas_train.lock"), timeout=0)
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `ValueError` naming the run that holds it and the fix."""
+        from filelock import Timeout
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            try:
+                with open(self.owner_path) as f:
+                    owner = json.load(f)
+                holder = (f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}: "
+                          f"{owner.get('command')}")
+            except (OSError, ValueError):
+                holder = "another process"
+            raise ValueError(
+                f"output_dir={self.output_dir!r} is in use by another training run ({holder}). Give this run its own "
+                "--output_dir, or wait for that run to finish (to resume it, use its own command)."
+            ) from None
+        with open(self.owner_path, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+
+    def release(self) -> None:
+        try:
+            os.remove(self.owner_path)
+        except OSError:
+            pass
+        self._lock.release()
+
+
+LATENT_TOKEN_FIELDS = {LATENT: "latent_token_id", START_LATENT: "start_latent_token_id",
+                       END_LATENT: "end_latent_token_id"}
+CONVERT_HINT = "python -m vedas_hf.convert STOCK_FOLDER VEDAS_FOLDER"
+
+
+def check_vedas_model(model, processor) -> None:
+    """`ValueError` unless `model` (or the base model under a PEFT wrapper) is a Vedas model and the processor's
+    tokenizer holds its latent tokens under the config's ids, naming the `convert` command that makes one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or not str(model_type).startswith("vedas_") or not hasattr(config, "latent_token_id"):
+        raise ValueError(
+            f"The model is a {model_type!r} checkpoint, not a Vedas one: the curriculum needs the latent tokens and "
+            f"the latent forward. Convert it first ({CONVERT_HINT}) and train the converted folder."
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocabulary = tokenizer.get_vocab()
+    for token, field_name in LATENT_TOKEN_FIELDS.items():
+        expected = getattr(config, field_name)
+        if vocabulary.get(token) != expected:
+            raise ValueError(
+                f"The tokenizer maps {token!r} to {vocabulary.get(token)!r} but the model's {field_name} is "
+                f"{expected!r}: load the processor from the converted checkpoint folder ({CONVERT_HINT} writes both)."
+            )
+
+
+def _position_limit(model, args: VedasSFTConfig) -> int | None:
+    """The text model's `max_position_embeddings` (records are checked against it), with a warning when `max_length`
+    allows longer examples."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    if limit and args.max_length is not None and args.max_length > limit:
+        logger.warning(
+            f"max_length={args.max_length} is above the model's max_position_embeddings={limit}: examples are "
+            f"truncated at max_length, so some may run past the positions the model was trained on; set "
+            f"max_length <= {limit}."
+        )
+    return limit
+
+
 class VedasSFTTrainer(SFTTrainer):
     """[`~trl.SFTTrainer`] for Vedas latent reasoning.
 
@@ -365,9 +496,12 @@ class VedasSFTTrainer(SFTTrainer):
             raise ValueError(f"args must be a VedasSFTConfig, got {type(args).__name__}.")
         if processing_class is None:
             raise ValueError("Pass the Qwen2-VL processor as processing_class (it renders images and prompts).")
+        check_vedas_model(model, processing_class)
+        self._position_limit = _position_limit(model, args)
         renderers = []
         if train_dataset is not None:
-            train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args, args.stage_for_epoch(0))
+            train_dataset, renderer = curriculum_dataset(train_dataset, processing_class, args, args.stage_for_epoch(0),
+                                                         position_limit=self._position_limit)
             renderer.mix_earlier_stages = True
             renderers.append(renderer)
         self.eval_stage = args.stage_for_epoch(10**9)
@@ -405,7 +539,8 @@ class VedasSFTTrainer(SFTTrainer):
         self._set_inference_latent_steps(args.inference_latent_steps)
 
     def _eval_dataset(self, records, processor, args, name):
-        dataset, renderer = curriculum_dataset(records, processor, args, stage=self.eval_stage, name=name)
+        dataset, renderer = curriculum_dataset(records, processor, args, stage=self.eval_stage, name=name,
+                                               position_limit=self._position_limit)
         self._eval_renderers.append(renderer)
         return dataset
 
@@ -429,12 +564,18 @@ class VedasSFTTrainer(SFTTrainer):
             model.generation_config.num_latent_steps = steps
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`; the SIGTERM handler of `save_on_sigterm` is removed however training ends."""
+        """`Trainer.train` holding the output folder's lock (see [`OutputDirLock`]); the SIGTERM handler of
+        `save_on_sigterm` is removed however training ends."""
+        lock = OutputDirLock(self.args.output_dir) if self.args.should_save else None
+        if lock is not None:
+            lock.acquire()
         try:
             return super().train(*args, **kwargs)
         finally:
             if self.sigterm_callback is not None:
                 self.sigterm_callback.restore()
+            if lock is not None:
+                lock.release()
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer; the parameters of the modules Vedas adds (routers, TokenSR) then move to groups of
@@ -549,6 +690,10 @@ class VedasSFTTrainer(SFTTrainer):
                 self.state.best_model_checkpoint = final
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            try:
+                os.rmdir(staging_root)  # only when empty: a finished folder keeps no `.staging/`
+            except OSError:
+                pass
         self.accelerator.wait_for_everyone()
 
     def _load_best_model(self) -> None:

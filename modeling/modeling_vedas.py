@@ -31,7 +31,7 @@ from torch import nn
 
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -1121,13 +1121,14 @@ class VedasForConditionalGenerationMixin:
         if expand > 1:
             phase.cache.batch_repeat_interleave(expand)
         hidden_columns = extended_ids.shape[1] - input_ids.shape[1]
+        cache = self._decoding_cache(phase.cache, generation_config, kwargs, input_ids.shape[1], extended_ids.shape[1])
         generation_config, kwargs = self._decoding_config(generation_config, kwargs, hidden_columns)
         kwargs = _callbacks_in_stock_layout(kwargs, input_ids.shape[1], hidden_columns)
         out = super().generate(
             input_ids=extended_ids, attention_mask=extended_mask, generation_config=generation_config,
-            **{CACHE_KWARG: phase.cache}, **kwargs,
+            **{CACHE_KWARG: cache}, **kwargs,
         )
-        phase.cache.vedas_hidden_columns = hidden_columns  # the returned cache cannot continue `sequences`
+        cache.vedas_hidden_columns = hidden_columns  # the returned cache cannot continue `sequences`
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         rows_per_prompt = sequences.shape[0] // batch  # beams are expanded, returned sequences may be fewer
         sequences = torch.cat(
@@ -1257,15 +1258,40 @@ class VedasForConditionalGenerationMixin:
             )
         use_cache = self._generation_setting("use_cache", generation_config, kwargs)
         use_cache = True if use_cache is None else use_cache
-        # a cache_implementation set by the caller is an error; the model's own is set aside (`_decoding_config`)
-        implementation = self._generation_setting("cache_implementation", generation_config, kwargs, model_config=False)
-        if not use_cache or implementation is not None:
+        # "static" (the caller's) decodes from a StaticCache filled with the latent phase; any other caller's
+        # implementation is an error; the model's own is set aside (`_decoding_config`)
+        implementation = self._static_decoding(generation_config, kwargs)
+        if not use_cache or implementation not in (None, "static"):
             setting = "use_cache=False" if not use_cache else f"cache_implementation={implementation!r}"
             raise ValueError(
                 f"Latent generation got {setting}: the latent steps live in the KV cache the answer is decoded from, "
-                "which generate builds itself (a DynamicCache); drop that setting (also from the generation "
-                "config), or pass num_latent_steps=0."
+                "which generate builds itself (a DynamicCache, or a StaticCache with cache_implementation='static'); "
+                "drop that setting (also from the generation config), or pass num_latent_steps=0."
             )
+
+    def _static_decoding(self, generation_config, kwargs):
+        """The caller's `cache_implementation` (argument or passed generation config), else `"static"` when the
+        model's generation config asks for it (transformers' documented way to compile decoding), else None."""
+        implementation = self._generation_setting("cache_implementation", generation_config, kwargs, model_config=False)
+        if implementation is None and getattr(self.generation_config, "cache_implementation", None) == "static":
+            return "static"
+        return implementation
+
+    def _decoding_cache(self, cache, generation_config, kwargs, prompt_columns: int, total_columns: int):
+        """The cache the stock loop decodes from: the latent phase's DynamicCache, or with
+        `cache_implementation="static"` a StaticCache holding the same keys/values, sized for `total_columns`
+        (prompt, latent steps and end marker) plus the new tokens (what compiled decoding needs: fixed shapes).
+        `prompt_columns`: the caller's prompt length, which an absolute `max_length` includes."""
+        if self._static_decoding(generation_config, kwargs) != "static":
+            return cache
+        max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        if max_new is None:  # an absolute limit counts prompt + answer (stock layout), shifted like `_decoding_config`
+            max_length = self._generation_setting("max_length", generation_config, kwargs) or GenerationConfig().max_length
+            max_new = max(max_length - prompt_columns, 1)
+        static = StaticCache(config=self.config.text_config, max_cache_len=total_columns + max_new)
+        for layer_idx, layer in enumerate(cache.layers):
+            static.update(layer.keys, layer.values, layer_idx)
+        return static
 
     def _with_start_marker(self, input_ids, attention_mask, mm_token_type_ids):
         """Append `<|start-latent|>` (when configured) to the prompt, its mask and its modality types."""
@@ -1297,9 +1323,15 @@ class VedasForConditionalGenerationMixin:
             value = self._generation_setting(name, generation_config, kwargs)
             if value is not None:
                 updates[name] = value + hidden_columns
-        if getattr(self.generation_config, "cache_implementation", None) is not None:
-            # as an argument: transformers fills a passed config's unset fields from the model's config first
+        if (getattr(self.generation_config, "cache_implementation", None) is not None
+                or getattr(generation_config, "cache_implementation", None) is not None
+                or kwargs.get("cache_implementation") is not None):
+            # the cache is passed in (`_decoding_cache`); as an argument, since transformers fills a passed config's
+            # unset fields from the model's config first
             kwargs["cache_implementation"] = None
+            if getattr(generation_config, "cache_implementation", None) is not None:
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.cache_implementation = None
         if updates and generation_config is None:
             kwargs.update(updates)  # no config was passed: arguments are the usual way to override it
         elif updates:

@@ -19,7 +19,7 @@ from transformers import (
     SuppressTokensLogitsProcessor,
 )
 from transformers.generation.streamers import BaseStreamer
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from conftest import make_batch, split_batch
 from test_modeling import latent_sequence, randomize_gates
@@ -191,6 +191,48 @@ def test_beam_search_and_sampling_run_after_latents(vedas_dir, processor, images
     torch.manual_seed(0)
     sampled_b = model.generate(**batch, num_latent_steps=2, max_new_tokens=4, do_sample=True, top_k=5)
     assert torch.equal(sampled_a, sampled_b)
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, top_k=5),
+                                      dict(num_beams=2, num_return_sequences=2, do_sample=False)],
+                         ids=["greedy", "sampling", "beams"])
+def test_static_cache_decoding_gives_the_dynamic_tokens(vedas_dir, processor, images, settings):
+    """`cache_implementation="static"`: the latent steps' keys/values go into a StaticCache sized for the answer,
+    and decoding gives the same tokens and logits as from the DynamicCache (left-padded batch, sampling under one
+    seed, beams); an absolute `max_length` sizes it too; the returned cache is the StaticCache."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour of the big one, please?"], [[images[0]], [images[1]]])
+    kwargs = dict(num_latent_steps=2, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
+                  output_logits=True, **settings)
+    torch.manual_seed(0)
+    dynamic = model.generate(**batch, **kwargs)
+    torch.manual_seed(0)
+    static = model.generate(**batch, cache_implementation="static", **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for got, expected in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    cache = static.get("cache", static.get("past_key_values"))
+    assert isinstance(cache, StaticCache) and isinstance(dynamic.get("cache", dynamic.get("past_key_values")),
+                                                          DynamicCache)
+    length = batch["input_ids"].shape[1]
+    by_length = model.generate(**batch, num_latent_steps=2, max_length=length + 6, min_length=length + 6,
+                               cache_implementation="static", do_sample=False)
+    if not settings.get("do_sample") and "num_beams" not in settings:
+        assert torch.equal(by_length, dynamic.sequences)
+
+
+def test_compiled_decoding_after_the_latent_steps(vedas_dir, processor, images):
+    """The way transformers documents compiled generation: the model's forward under `torch.compile` (a full
+    graph: a decoding step does no data-dependent check) and a static cache, here asked for through the model's
+    generation config. Same tokens as the uncompiled dynamic path."""
+    model = load(vedas_dir)
+    batch = make_batch(processor, ["Shape?", "Colour of the big one, please?"], [[images[0]], [images[1]]])
+    expected = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+    model.generation_config.cache_implementation = "static"
+    got = model.generate(**batch, num_latent_steps=2, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected)
 
 
 def test_length_limits_count_prompt_and_answer_as_in_stock_generate(vedas_dir, processor, images):

@@ -8,8 +8,14 @@ Variants (same model weights, same prompt, same answer length forced with min_ne
   (c) naive  : the paper authors' approach (see `_common.NaiveReference`): each latent step re-runs the whole
                sequence with eager attention and `output_attentions=True`, then the answer is decoded with a
                fresh KV cache.
+  (d, e) with `--static`: (a) and (b) decoding from a StaticCache (`cache_implementation="static"`). On a GPU
+               transformers compiles the decoding step itself when the cache is static; on the CPU `--compile` runs
+               (d)/(e) on a copy of the model whose forward is under `torch.compile` (the way
+               transformers documents compiled generation), so the static rows measure compiled decoding too.
 Each at batch 1 and batch 16 (one distinct image per row). Warmup, then interleaved rounds; medians reported.
 """
+
+import copy
 
 from _common import (
     NaiveReference,
@@ -41,6 +47,9 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--reps", type=int, default=None, help="minimum timed rounds; default 5 on cpu, 10 on cuda")
     parser.add_argument("--no-naive", action="store_true", help="skip variant (c)")
+    parser.add_argument("--static", action="store_true", help="add (d) stock and (e) vedas with a static cache")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --static on the CPU: run (d)/(e) with the forward under torch.compile")
     args = finish_args(parser.parse_args())
     if args.visual_tokens is None:
         args.visual_tokens = 1024 if args.size == "2b" else 256
@@ -69,6 +78,21 @@ def main():
         return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                               num_latent_steps=steps)
 
+    static_model = model
+    if args.static and args.compile:
+        static_model = copy.deepcopy(model)
+        # not fullgraph: stock generate (d) also prefills through the forward, whose latent-sequence check is
+        # data-dependent (a graph break); the decoding steps compile whole
+        static_model.forward = torch.compile(static_model.forward)
+
+    def stock_static(inputs):
+        return static_model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                     num_latent_steps=0, cache_implementation="static")
+
+    def vedas_static(inputs):
+        return static_model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                     num_latent_steps=steps, cache_implementation="static")
+
     def reference(inputs):
         return naive.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                               inputs["image_grid_thw"], inputs["mm_token_type_ids"], steps, new)
@@ -87,6 +111,9 @@ def main():
             checks["naive_vs_vedas_first_diff_token"] = int(
                 (out_naive[0, prompt_len:] != out_vedas[0, prompt_len:]).int().argmax()
             ) if not checks["naive_tokens_equal_vedas"] else None
+        if args.static:
+            checks["static_tokens_equal_dynamic"] = bool(torch.equal(vedas_static(inputs), out_vedas))
+            checks["stock_static_tokens_equal_dynamic"] = bool(torch.equal(stock_static(inputs), out_stock))
     print(f"   check: every variant returns prompt + {new} tokens; " + ", ".join(f"{k} {v}" for k, v in checks.items()))
 
     # one interleaved group per batch size (so the cheap batch-1 variants get many rounds)
@@ -96,6 +123,9 @@ def main():
             group = {f"stock b{b}": (lambda x=inputs: stock(x)), f"vedas b{b}": (lambda x=inputs: vedas(x))}
             if naive is not None:
                 group[f"naive b{b}"] = lambda x=inputs: reference(x)
+            if args.static:
+                group[f"stock-static b{b}"] = lambda x=inputs: stock_static(x)
+                group[f"vedas-static b{b}"] = lambda x=inputs: vedas_static(x)
             times.update(interleaved(group, args.reps, args.warmup, args.device, min_time=args.min_time,
                                      log=None if args.quiet else print))
 
@@ -103,7 +133,7 @@ def main():
     best = {name: min(t) for name, t in times.items()}
     rows = []
     for b in args.batch_sizes:
-        for letter, kind in zip("abc", ("stock", "vedas", "naive")):
+        for letter, kind in zip("abcde", ("stock", "vedas", "naive", "stock-static", "vedas-static")):
             name = f"{kind} b{b}"
             if name in med:
                 rows.append([f"({letter}) {kind}", b, len(times[name]), f"{med[name] * 1e3:.1f}",
@@ -132,6 +162,12 @@ def main():
         for b in args.batch_sizes:
             add(f"naive_over_vedas_b{b}", f"(c)/(b) naive/vedas latency, batch {b}", f"naive b{b}", f"vedas b{b}",
                 3, True)
+    if args.static:
+        for b in args.batch_sizes:
+            add(f"vedas_static_over_stock_static_b{b}", f"(e)/(d) vedas/stock latency, static cache, batch {b}",
+                f"vedas-static b{b}", f"stock-static b{b}", 1.3 if b == b1 else None)
+            add(f"vedas_static_over_vedas_b{b}", f"(e)/(b) vedas static/dynamic latency, batch {b}",
+                f"vedas-static b{b}", f"vedas b{b}")
     for b in args.batch_sizes[1:]:
         for kind in ("vedas", "stock"):
             # throughput ratio = (b / t_b) / (b1 / t_b1)

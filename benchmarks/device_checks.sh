@@ -9,8 +9,8 @@
 # Environment: DEVICE (default cuda), PYTHON (default python3), BENCH_ARGS (extra flags for every benchmark),
 # GENERATE_ARGS / MEMORY_ARGS / TRAIN_ARGS (extra flags for one of them; see benchmarks/README.md for a CPU smoke
 # test of this script), LIMIT_TESTS,
-# LIMIT_GENERATE, LIMIT_MEMORY, LIMIT_TRAIN (seconds per step; defaults 100, 150, 90, 150: with the 60 s environment
-# step at most 9 minutes, inside one 10-minute device call). Needs torch, transformers, torchvision, pytest and
+# LIMIT_GENERATE, LIMIT_GENERATE_STATIC, LIMIT_MEMORY, LIMIT_TRAIN (seconds per step; defaults 100, 150, 50, 90, 140:
+# with the 60 s environment step at most 10 minutes, one device call). Needs torch, transformers, torchvision, pytest and
 # scikit-learn (the device image has them) but not the package's other dependencies: vedas_hf is put on the path
 # from this checkout, nothing is installed or downloaded. Exit status: the number of failed steps.
 set -uo pipefail
@@ -57,11 +57,14 @@ step tests "${LIMIT_TESTS:-100}" env VEDAS_TEST_DEVICE="$DEVICE" "$PY" -m pytest
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 step generate "${LIMIT_GENERATE:-150}" "$PY" "$REPO/benchmarks/bench_generate.py" --device "$DEVICE" $BENCH_ARGS $GENERATE_ARGS \
     --json "$OUTDIR/generate.json"
+# shellcheck disable=SC2086  # static-cache decoding after the latent steps (transformers compiles it on a GPU)
+step generate_static "${LIMIT_GENERATE_STATIC:-50}" "$PY" "$REPO/benchmarks/bench_generate.py" --device "$DEVICE" \
+    --static --no-naive --batch-sizes 1 --reps 3 $BENCH_ARGS $GENERATE_ARGS --json "$OUTDIR/generate_static.json"
 # shellcheck disable=SC2086
 step memory "${LIMIT_MEMORY:-90}" "$PY" "$REPO/benchmarks/bench_memory.py" --device "$DEVICE" $BENCH_ARGS $MEMORY_ARGS \
     --json "$OUTDIR/memory.json"
 # shellcheck disable=SC2086
-step train "${LIMIT_TRAIN:-150}" "$PY" "$REPO/benchmarks/bench_train.py" --device "$DEVICE" --recon-crop-size 224 $BENCH_ARGS \
+step train "${LIMIT_TRAIN:-140}" "$PY" "$REPO/benchmarks/bench_train.py" --device "$DEVICE" --recon-crop-size 224 $BENCH_ARGS \
     $TRAIN_ARGS --json "$OUTDIR/train.json"
 cd "$REPO" && rm -rf "$SITE"
 echo "failed steps: $failed"

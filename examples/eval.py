@@ -58,8 +58,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    check_checkpoint_argument(args.checkpoint, "checkpoint")
     records = load_test_records(args)  # before the model: a bad file or count fails fast
+    check_checkpoint_argument(args.checkpoint, "checkpoint")
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True,
                                                         revision=args.revision)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -118,7 +118,14 @@ def load_model(script_args, training_args):
     (written next to the outputs; with 16 px digits each digit is 2 x 2 merged visual tokens, so a step replays K=4
     tokens, the reconstruction window is 2 x 2 and the routers refine alpha=2 tokens of each chunk)."""
     path = script_args.model_name_or_path
-    if path is None:
+    if path is None and script_args.dataset_path is not None:
+        raise ValueError(
+            f"--dataset_path {script_args.dataset_path} needs --model_name_or_path: a Vedas checkpoint folder or Hub "
+            "repo (convert a stock one with python -m vedas_hf.convert). Without both, sft.py trains the bundled demo."
+        )
+    if path is not None:
+        check_checkpoint_argument(path, "--model_name_or_path")
+    else:
         from vedas_hf.toy import pretrain_reader
 
         path = pretrain_reader(
@@ -156,13 +163,6 @@ def main(argv=None):
     if uses_bundled_task(argv):  # the demo's settings; a run on the user's data keeps VedasSFTConfig's (TRL's)
         parser.set_defaults(**DEMO_DEFAULTS)
     script_args, training_args = parser.parse_args_and_config(argv)
-    if script_args.dataset_path is not None and script_args.model_name_or_path is None:
-        raise ValueError(
-            f"--dataset_path {script_args.dataset_path} needs --model_name_or_path: a Vedas checkpoint folder or Hub "
-            "repo (convert a stock one with python -m vedas_hf.convert). Without both, sft.py trains the bundled demo."
-        )
-    if script_args.model_name_or_path is not None:
-        check_checkpoint_argument(script_args.model_name_or_path, "--model_name_or_path")
     # the data first: a missing or malformed file fails before any model is loaded (or the demo reader pretrained)
     train_records, test_records = load_data(script_args, training_args)
     evaluating = training_args.eval_strategy != "no"

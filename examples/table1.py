@@ -103,8 +103,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_latent_stage", type=int, default=None,
                         help="T_r, latent steps of the final stage (default: the task's, TASK_SETTINGS)")
     parser.add_argument("--epochs_per_stage", type=int, default=1)
-    parser.add_argument("--num_train_epochs", type=int, default=6,
-                        help="epochs of every variant; the latent ones stay at the last stage once they reach it")
+    parser.add_argument("--num_train_epochs", type=int, default=None,
+                        help="epochs of every variant; the latent ones stay at the last stage once they reach it "
+                             "(default: the task's, TASK_SETTINGS)")
     parser.add_argument("--recon_loss_weight", type=float, default=None,
                         help="lambda of the full method (default: the validated choice, TASK_SETTINGS)")
     parser.add_argument("--vedas_lr_multiplier", type=float, default=None,
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.output_dir = args.output_dir or f"runs/table1-{args.task}"
-    for name in ("max_latent_stage", "reader_epochs"):
+    for name in ("max_latent_stage", "reader_epochs", "num_train_epochs"):
         if getattr(args, name) is None:
             setattr(args, name, TASK_SETTINGS[args.task][name])
     return args

@@ -137,7 +137,9 @@ class VedasSFTConfig(SFTConfig):
         # transformers >= 5.24 renamed `gradient_checkpointing`; TRL's default of the old name (True) would warn on
         # every run. Unset here, TRL's default goes to the new name in __post_init__ (a user's old name still wins).
         gradient_checkpointing: bool | None = field(
-            default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default: on)."}
+            default=None,
+            metadata={"help": "Deprecated alias of activation_checkpointing (default: on).", "nargs": "?",
+                      "const": True},  # a bare --gradient_checkpointing means True, as in transformers
         )
 
     def __post_init__(self):

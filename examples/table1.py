@@ -389,8 +389,8 @@ def main(argv=None):
     evaluated = len(splits["test"])
     header = (f"Task `{args.task}`, seeds {args.seeds}, {evaluated} {args.eval_split} samples per seed; full method "
               f"lambda = {settings['recon_loss_weight']}, router lr multiplier = {settings['vedas_lr_multiplier']}; "
-              f"the readers read {reading}% of the test digits / panels (per seed); always answering the most "
-              f"frequent test answer: {majority}%.")
+              f"the readers read {reading}% of the {args.eval_split} digits / panels (per seed); always answering "
+              f"the most frequent {args.eval_split} answer: {majority}%.")
     table = markdown(rows, results, args.seeds, header)
     summary = {
         "command": "python " + " ".join(sys.argv), "commit": _commit(), "machine": platform.platform(),

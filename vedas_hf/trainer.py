@@ -58,7 +58,8 @@ class VedasSFTConfig(SFTConfig):
             `max_steps`) ends at an earlier stage: training logs a warning, the model's `num_latent_steps` follows
             the stage actually trained, and evaluation renders that stage.
         gradient_checkpointing (`bool`, *optional*, defaults to `True`):
-            TRL's default. Works with the latent passes (a layer's backward replay reads the shared KV cache as it
+            TRL's default (`activation_checkpointing` on transformers >= 5.24, where the old name is a deprecated
+            alias; both flags work). Works with the latent passes (a layer's backward replay reads the shared KV cache as it
             was and writes nothing); needs non-reentrant checkpointing, the transformers default.
         epochs_per_stage (`int`, *optional*, defaults to `4`):
             Epochs spent at each curriculum stage before one more reasoning step becomes a latent.

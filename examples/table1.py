@@ -58,8 +58,10 @@ VARIANTS = {
     "no-recon": ("Vedas w/o recon loss (lambda 0)", "latent", {}, {"recon_loss_weight": 0.0}),
     "lambda-0.2": ("Vedas, lambda 0.2", "latent", {}, {"recon_loss_weight": 0.2}),
     "lambda-1.0": ("Vedas, lambda 1.0", "latent", {}, {"recon_loss_weight": 1.0}),
-    # not in the paper, not run by default: replayed tokens keep their M-RoPE image positions
+    # not in the paper, not run by default: replayed tokens keep their M-RoPE image positions; Coconut's mixing of
+    # earlier curriculum stages (a record is rendered at an earlier stage with probability 0.3)
     "replay-image-pos": ("Vedas, replay at image positions", "latent", {"replay_positions": "image"}, {}),
+    "stage-mixing": ("Vedas, earlier stages mixed in (p 0.3)", "latent", {}, {"earlier_stage_probability": 0.3}),
 }
 DEFAULT_VARIANTS = ["no-cot", "cot", "vedas", "no-rds", "no-replay", "no-recon", "lambda-0.2", "lambda-1.0"]
 FULL = "vedas"
@@ -213,12 +215,13 @@ def run_variant(variant, reader, splits, args, seed, settings) -> dict:
     result = _evaluate(model, processor, test, args, steps)
     out = {"variant": variant, "seed": seed, "train_minutes": train_minutes, **_compact(result),
            "examples": [p["text"] for p in result["predictions"][:5]]}
-    if variant == FULL:
+    if variant in (FULL, "stage-mixing"):
         # greedy decoding is deterministic: the step count it was trained for is the evaluation above
         out["steps_curve"] = {
             t: result["accuracy"] if t == steps else _evaluate(model, processor, test, args, t)["accuracy"]
             for t in range(args.max_latent_stage + 3)
         }
+    if variant == FULL:
         out["zero_latents"] = _compact(_evaluate(model, processor, test, args, steps, latent_inputs="zeros"))
         out["router_diagnostics"] = router_diagnostics(
             model, processor, test, trainer.args, num_latent_steps=steps, accuracy=result["accuracy"],

@@ -143,6 +143,41 @@ def _read_json(path):
         return json.load(f)
 
 
+# the command-line fields that change what a cached reader or variant is: an output folder holds one protocol
+PROTOCOL_FIELDS = ("task", "num_train_samples", "num_reader_samples", "reader_epochs", "max_latent_stage",
+                   "epochs_per_stage", "num_train_epochs", "hidden_size", "batch_size", "learning_rate")
+
+
+def check_protocol(args) -> None:
+    """`ValueError` when `args.output_dir` holds results of other training settings (its cached readers and variants
+    would silently be reused); the first run writes them to `<output_dir>/protocol.json`."""
+    path = os.path.join(args.output_dir, "protocol.json")
+    current = {name: getattr(args, name) for name in PROTOCOL_FIELDS}
+    if not os.path.exists(path):
+        _write_json(path, current)
+        return
+    saved = _read_json(path)
+    changed = {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
+    if changed:
+        raise ValueError(
+            f"{args.output_dir} holds results trained with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}); "
+            "its cached readers and variants would be reused. Pass a new --output_dir, or the same settings."
+        )
+
+
+def check_cached(path: str, cached: dict, expected: dict) -> None:
+    """`ValueError` when a cached (seed, variant) result was evaluated or configured otherwise than `expected`
+    (evaluation split and size, generation length, the full method's lambda / router lr); entries written before
+    these were recorded are accepted."""
+    changed = {k: (cached[k], v) for k, v in expected.items() if k in cached and cached[k] != v}
+    if changed:
+        raise ValueError(
+            f"{path} was computed with {', '.join(f'{k}={a!r}' for k, (a, _) in changed.items())}, this run asks for "
+            f"{', '.join(f'{k}={b!r}' for k, (_, b) in changed.items())}: delete it to recompute, or use another "
+            "--output_dir."
+        )
+
+
 def full_method_settings(args) -> dict:
     """lambda and the router lr multiplier of the full method: the command line, else the output folder's
     `selected.json` (from `--select`), else the task's validated choice in `TASK_SETTINGS`."""
@@ -202,6 +237,14 @@ def _compact(result: dict) -> dict:
             "correct": [int(p["correct"]) for p in result["predictions"]]}
 
 
+def cache_key(args, variant, settings) -> dict:
+    """What a cached (seed, variant) result must match to be reused (see `check_cached`)."""
+    key = {"eval_split": args.eval_split, "max_new_tokens": args.max_new_tokens}
+    if VARIANTS[variant][1] == "latent":
+        key["full_method_settings"] = settings
+    return key
+
+
 def run_variant(variant, reader, splits, args, seed, settings) -> dict:
     """Train and evaluate one (seed, variant); the full method also gets the steps curve, the zero-latent probe
     and the router diagnostics."""
@@ -214,7 +257,7 @@ def run_variant(variant, reader, splits, args, seed, settings) -> dict:
     test = splits["test"]
     result = _evaluate(model, processor, test, args, steps)
     out = {"variant": variant, "seed": seed, "train_minutes": train_minutes, **_compact(result),
-           "examples": [p["text"] for p in result["predictions"][:5]]}
+           "examples": [p["text"] for p in result["predictions"][:5]], **cache_key(args, variant, settings)}
     if variant in (FULL, "stage-mixing"):
         # greedy decoding is deterministic: the step count it was trained for is the evaluation above
         out["steps_curve"] = {
@@ -355,6 +398,7 @@ def _commit() -> str:
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    check_protocol(args)
     if args.select:
         return select(args)
     start = time.perf_counter()
@@ -382,6 +426,8 @@ def main(argv=None):
             if not os.path.exists(path):
                 _write_json(path, run_variant(variant, reader, splits, args, seed, settings))
             results[seed][variant] = _read_json(path)
+            check_cached(path, results[seed][variant],
+                         {**cache_key(args, variant, settings), "num_samples": len(splits["test"])})
             print(f"seed {seed} {VARIANTS[variant][0]}: accuracy {100 * results[seed][variant]['accuracy']:.1f}%",
                   flush=True)
         answers = Counter(r["answer"] for r in splits["test"])

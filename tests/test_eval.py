@@ -378,6 +378,16 @@ def test_table1_command_runs_paired_seeds_with_intervals_and_resumes_from_its_ca
         assert (tmp_path / f"seed{seed}" / "reader" / "final" / "model.safetensors").is_file()
     table = (tmp_path / "table1.md").read_text()
     assert "| Vedas w/o RDS |" in table and "latent steps at inference" in table and "Router diagnostics" in table
+    # the folder's cached readers and variants belong to one protocol: other settings are refused, not reused
+    base = [sys.executable, os.path.join(REPO, "examples", "table1.py"), "--task", "shapes", "--output_dir",
+            str(tmp_path), "--variants", "no-cot", "--seeds", "0", "--num_train_samples", "32", "--num_test_samples",
+            "4", "--num_reader_samples", "32", "--reader_epochs", "1", "--max_latent_stage", "1", "--batch_size", "16"]
+    other = subprocess.run([*base, "--num_train_epochs", "3", "--max_new_tokens", "6"], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert other.returncode != 0 and "num_train_epochs: 2 there, 3 now" in other.stderr
+    longer = subprocess.run([*base, "--num_train_epochs", "2", "--max_new_tokens", "8"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert longer.returncode != 0 and "no-cot.json was computed with max_new_tokens=6" in longer.stderr
 
 
 def test_inspect_script_draws_each_steps_tokens_window_and_probe(tiny, tmp_path):

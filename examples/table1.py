@@ -22,7 +22,9 @@ scores it on the validation split (held-out source images of the training data);
 `<output_dir>/selected.json`, which step 2 reads. The test split is never used to choose anything.
 
 Each (seed, variant) result is cached as `<output_dir>/seed<N>/<variant>.json`: an interrupted run resumes, and more
-seeds extend a table. The table (per-seed numbers, means with 95% intervals over seeds and over samples, paired
+seeds extend a table. A folder holds one protocol (`protocol.json`: samples, epochs, lr, width, ...): a run with other
+training settings, or a cached result evaluated otherwise (split, size, generation length, the full method's
+lambda / router lr), is refused instead of reused. The table (per-seed numbers, means with 95% intervals over seeds and over samples, paired
 differences of the full method minus each row) goes to stdout, `<output_dir>/table1.md` and `table1.json`.
 """
 

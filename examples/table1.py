@@ -81,7 +81,7 @@ TASK_VEDAS_CONFIG = {"replay_top_k": 4, "recon_window": 2, "router_top_k": 2}
 # scores are in results/table1-<task>-selection.json); a `--select` run in the output folder takes precedence.
 TASK_SETTINGS = {
     "digits": {"task": {"num_digits": 2}, "max_latent_stage": 2, "reader_epochs": 8, "num_train_epochs": 12,
-               "selected": {"recon_loss_weight": 0.2, "vedas_lr_multiplier": 1.0}},
+               "selected": {"recon_loss_weight": 1.0, "vedas_lr_multiplier": 10.0}},
     "shapes": {"task": {}, "max_latent_stage": 3, "reader_epochs": 16, "num_train_epochs": 6,
                "selected": {"recon_loss_weight": 0.2, "vedas_lr_multiplier": 10.0}},
 }

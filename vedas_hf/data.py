@@ -582,18 +582,27 @@ def example_length(record: dict, stage: int, *, processor, max_latent_stage: int
     from the text and the image sizes alone (no pixels are processed): the prompt's text tokens plus, per image,
     its merged-patch tokens in place of the one placeholder the chat template writes."""
     tokenizer = processor.tokenizer
-    steps = record["steps"] if mode != "no_cot" else []
-    replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt, latents, target = _stage_text(record, stage, processor, max_latent_stage, pad_latent_to_max,
+                                          answer_prefix, mode)
     length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     image_processor = processor.image_processor
     merge = getattr(image_processor, "merge_size", 1) ** 2
     for image in record["images"]:
         length += image_processor.get_number_of_image_patches(image.height, image.width, {}) // merge - 1
-    remaining = steps[replaced:]
-    target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
     length += len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
     return length + latents + (2 if latents and use_latent_markers else 0)
+
+
+def _stage_text(record: dict, stage: int, processor, max_latent_stage: int, pad_latent_to_max: bool,
+                answer_prefix: str, mode: str) -> tuple[str, int, str]:
+    """What a record is at `stage`: the chat-templated prompt (one placeholder per image), the number of latents
+    and the target text (the steps not replaced, then the answer)."""
+    steps = record["steps"] if mode != "no_cot" else []
+    replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
+    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    remaining = steps[replaced:]
+    target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
+    return prompt, latents, target
 
 
 def stage_plan(num_steps: int, stage: int, max_latent_stage: int, pad_latent_to_max: bool) -> tuple[int, int]:
@@ -631,9 +640,8 @@ def build_stage_example(
     _check_stage("max_latent_stage", max_latent_stage)
     tokenizer = processor.tokenizer
     check_record_text(record, tokenizer)
-    steps = record["steps"] if mode != "no_cot" else []
-    replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt, latents, target = _stage_text(record, stage, processor, max_latent_stage, pad_latent_to_max,
+                                          answer_prefix, mode)
     encoded = processor(text=[prompt], images=record["images"] or None, return_tensors="pt")
     prompt_ids = encoded["input_ids"][0].tolist()
 
@@ -642,8 +650,6 @@ def build_stage_example(
         latent_ids = [_token_id(tokenizer, LATENT)] * latents
         if use_latent_markers:
             latent_ids = [_token_id(tokenizer, START_LATENT), *latent_ids, _token_id(tokenizer, END_LATENT)]
-    remaining = steps[replaced:]
-    target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [_token_id(tokenizer, END_OF_TURN)]
 
     fixed = len(prompt_ids) + len(latent_ids)

@@ -125,15 +125,18 @@ class SaliencyKeyCache:
     """
 
     def __init__(self):
+        # layer -> [(chunk, keys of every pass up to and including it)]: a read is a lookup, as in VedasRouterCache
         self._entries: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def extend(self, layer_idx: int, chunk: int, keys: torch.Tensor, store: bool = True) -> torch.Tensor:
         """The keys of all passes `< chunk` followed by `keys` `(batch, kv_heads, seq, head_dim)`; `store=False` (a
         checkpoint replay) leaves the cache unchanged."""
         entries = [entry for entry in self._entries.get(layer_idx, []) if entry[0] < chunk]
+        if entries:
+            keys = torch.cat([entries[-1][1], keys], dim=2)
         if store:
             self._entries[layer_idx] = entries + [(chunk, keys)]
-        return torch.cat([entry[1] for entry in entries] + [keys], dim=2) if entries else keys
+        return keys
 
 
 class _ReplayLayerCache:
@@ -301,6 +304,13 @@ class _BackwardAfter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, grad.new_zeros(ctx.other_shape, dtype=ctx.other_dtype)
+
+
+def _replay_weights(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: softmax over the valid selected saliency `scores` `(batch, K)`; a row without any valid slot gets
+    zeros. The row is filled with finite values before the softmax so that its gradient is zero, not NaN."""
+    scores = scores.masked_fill(~valid, float("-inf"))
+    return scores.masked_fill(~valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * valid
 
 
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -773,10 +783,7 @@ class VedasForConditionalGenerationMixin:
         top = scores.topk(top_k, dim=-1)
         index = top.indices
         index_valid = torch.isfinite(top.values) & active[:, None]
-        # eq. 6: softmax over the valid selected scores; a row without any (inactive, all visited) gets zeros. The
-        # row is filled with finite values before the softmax so that its gradient is zero, not NaN.
-        scores = top.values.masked_fill(~index_valid, float("-inf"))
-        weights = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid
+        weights = _replay_weights(top.values, index_valid)  # eq. 6 (zeros for an inactive or all-visited row)
         visual = _gather_tokens(prompt_embeds, visual_pos.gather(1, index))  # (B, K, hidden)
         weights = weights.unsqueeze(-1).to(visual.dtype)  # (B, K, 1)
         weighted = weights * visual
@@ -786,8 +793,7 @@ class VedasForConditionalGenerationMixin:
         pooled_visual = visual if self.config.recon_grad_to_vision else visual.detach()
         pooled_weights = weights
         if detached_saliency is not None:
-            scores = detached_saliency.gather(1, visual_pos).gather(1, index).masked_fill(~index_valid, float("-inf"))
-            detached = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid
+            detached = _replay_weights(detached_saliency.gather(1, visual_pos).gather(1, index), index_valid)
             detached = detached.unsqueeze(-1).to(visual.dtype)
             pooled_weights = weights.detach() + (detached - detached.detach())  # values of eq. 6, gradient of these
         count = index_valid.sum(dim=1, keepdim=True).clamp(min=1)
@@ -1195,8 +1201,7 @@ class VedasForConditionalGenerationMixin:
             per_step += self.config.replay_top_k
         elif self.config.replay_mode == "soft_mix":
             per_step += 1
-        new_tokens = kwargs.get("max_new_tokens", getattr(generation_config or self.generation_config,
-                                                          "max_new_tokens", None)) or 0
+        new_tokens = self._max_new_tokens(generation_config, kwargs, input_ids.shape[1])
         needed = input_ids.shape[1] + 2 + steps * per_step + new_tokens  # 2: the latent markers
         if needed > limit:
             raise ValueError(
@@ -1269,6 +1274,15 @@ class VedasForConditionalGenerationMixin:
                 "drop that setting (also from the generation config), or pass num_latent_steps=0."
             )
 
+    def _max_new_tokens(self, generation_config, kwargs, prompt_columns: int) -> int:
+        """The most answer tokens a `generate` call may decode: `max_new_tokens`, else the absolute `max_length`
+        (prompt + answer, the stock layout; transformers' default when unset) minus the `prompt_columns`."""
+        max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        if max_new is None:
+            max_length = self._generation_setting("max_length", generation_config, kwargs) or GenerationConfig().max_length
+            max_new = max(max_length - prompt_columns, 1)
+        return max_new
+
     def _static_decoding(self, generation_config, kwargs):
         """The caller's `cache_implementation` (argument or passed generation config), else `"static"` when the
         model's generation config asks for it (transformers' documented way to compile decoding), else None."""
@@ -1284,10 +1298,7 @@ class VedasForConditionalGenerationMixin:
         `prompt_columns`: the caller's prompt length, which an absolute `max_length` includes."""
         if self._static_decoding(generation_config, kwargs) != "static":
             return cache
-        max_new = self._generation_setting("max_new_tokens", generation_config, kwargs)
-        if max_new is None:  # an absolute limit counts prompt + answer (stock layout), shifted like `_decoding_config`
-            max_length = self._generation_setting("max_length", generation_config, kwargs) or GenerationConfig().max_length
-            max_new = max(max_length - prompt_columns, 1)
+        max_new = self._max_new_tokens(generation_config, kwargs, prompt_columns)
         static = StaticCache(config=self.config.text_config, max_cache_len=total_columns + max_new)
         for layer_idx, layer in enumerate(cache.layers):
             static.update(layer.keys, layer.values, layer_idx)

@@ -33,7 +33,7 @@ MUTATIONS = [
      "pooled = (pooled_weights * pooled_visual).sum(dim=1) / count.to(visual.dtype)",
      "pooled = (pooled_weights * pooled_visual).sum(dim=1)", [REFERENCE]),
     ("eq. 6: uniform weights instead of the softmax of the saliency", MODELING,
-     "weights = scores.masked_fill(~index_valid.any(-1, keepdim=True), 0.0).softmax(dim=-1) * index_valid",
+     "weights = _replay_weights(top.values, index_valid)",
      "weights = index_valid.float() / index_valid.sum(-1, keepdim=True).clamp(min=1)", [REFERENCE]),
     ("eq. 10: route the bottom-alpha tokens", MODELING,
      "chunk_scores = scores[:, start:end].masked_fill(", "chunk_scores = (-scores[:, start:end]).masked_fill(",

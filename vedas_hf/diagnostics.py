@@ -133,9 +133,9 @@ def router_diagnostics(model, processor, records, args, *, num_latent_steps: int
     """
     from .data import NormalizedRecords
     from .eval import evaluate
+    from .trainer import base_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    config = base_model(model).config
     gates = gate_magnitudes(model)
     normalized = NormalizedRecords(records, require_steps=False)
     lengths, visual = prompt_statistics(processor, normalized, config)

@@ -440,6 +440,11 @@ class OutputDirLock:
         self._lock.release()
 
 
+def base_model(model):
+    """The model itself, under a PEFT wrapper when there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 LATENT_TOKEN_FIELDS = {LATENT: "latent_token_id", START_LATENT: "start_latent_token_id",
                        END_LATENT: "end_latent_token_id"}
 CONVERT_HINT = "python -m vedas_hf.convert STOCK_FOLDER VEDAS_FOLDER"
@@ -448,8 +453,7 @@ CONVERT_HINT = "python -m vedas_hf.convert STOCK_FOLDER VEDAS_FOLDER"
 def check_vedas_model(model, processor) -> None:
     """`ValueError` unless `model` (or the base model under a PEFT wrapper) is a Vedas model and the processor's
     tokenizer holds its latent tokens under the config's ids, naming the `convert` command that makes one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
+    config = getattr(base_model(model), "config", None)
     model_type = getattr(config, "model_type", None)
     if config is None or not str(model_type).startswith("vedas_") or not hasattr(config, "latent_token_id"):
         raise ValueError(
@@ -470,8 +474,7 @@ def check_vedas_model(model, processor) -> None:
 def _position_limit(model, args: VedasSFTConfig) -> int | None:
     """The text model's `max_position_embeddings` (records are checked against it), with a warning when `max_length`
     allows longer examples."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    config = base_model(model).config
     limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
     if limit and args.max_length is not None and args.max_length > limit:
         logger.warning(
@@ -600,7 +603,7 @@ class VedasSFTTrainer(SFTTrainer):
 
     def _vedas_model(self):
         """The Vedas model itself (under a PEFT wrapper when there is one)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base_model(self.model)
 
     def _vedas_config(self):
         return self._vedas_model().config

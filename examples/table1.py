@@ -161,9 +161,10 @@ def check_protocol(args) -> None:
     saved = _read_json(path)
     changed = {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
     if changed:
+        differences = ", ".join(f"{name}: {there!r} there, {now!r} now" for name, (there, now) in changed.items())
         raise ValueError(
-            f"{args.output_dir} holds results trained with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}); "
-            "its cached readers and variants would be reused. Pass a new --output_dir, or the same settings."
+            f"{args.output_dir} holds results trained with other settings ({differences}); its cached readers and "
+            "variants would be reused. Pass a new --output_dir, or the same settings."
         )
 
 
@@ -410,26 +411,25 @@ def main(argv=None):
                      if not (v.startswith("lambda-") and float(v.split("-", 1)[1]) == settings["recon_loss_weight"])]
     results, readers = {}, {}
     for seed in args.seeds:
-        if args.eval_split == "validation":  # every row below is then scored on the validation split
-            splits = make_task_splits(args.task, args.num_train_samples, args.num_validation_samples, 0, seed=seed,
-                                      **task_kwargs(args))
+        validation = args.eval_split == "validation"  # every row below is then scored on the validation split
+        splits = make_task_splits(args.task, args.num_train_samples, args.num_validation_samples if validation else 0,
+                                  0 if validation else args.num_test_samples, seed=seed, **task_kwargs(args))
+        if validation:
             splits["test"] = splits["validation"]
-        else:
-            splits = make_task_splits(args.task, args.num_train_samples, 0, args.num_test_samples, seed=seed,
-                                      **task_kwargs(args))
+        evaluated = {"eval_split": args.eval_split, "num_samples": len(splits["test"])}
         reader = reader_for_seed(args, seed)
         reading_path = os.path.join(args.output_dir, f"seed{seed}", "reading.json")
         if not os.path.exists(reading_path):
-            _write_json(reading_path, reading_accuracy(reader, splits["test"], args))
+            _write_json(reading_path, {**reading_accuracy(reader, splits["test"], args), **evaluated})
         readers[seed] = _read_json(reading_path)
+        check_cached(reading_path, readers[seed], evaluated)
         results[seed] = {}
         for variant in args.variants:
             path = os.path.join(args.output_dir, f"seed{seed}", f"{variant}.json")
             if not os.path.exists(path):
                 _write_json(path, run_variant(variant, reader, splits, args, seed, settings))
             results[seed][variant] = _read_json(path)
-            check_cached(path, results[seed][variant],
-                         {**cache_key(args, variant, settings), "num_samples": len(splits["test"])})
+            check_cached(path, results[seed][variant], {**cache_key(args, variant, settings), **evaluated})
             print(f"seed {seed} {VARIANTS[variant][0]}: accuracy {100 * results[seed][variant]['accuracy']:.1f}%",
                   flush=True)
         answers = Counter(r["answer"] for r in splits["test"])
@@ -437,9 +437,9 @@ def main(argv=None):
     rows = summarize(results, args.variants, args.seeds)
     reading = ", ".join(f"{100 * readers[s]['items']:.1f}" for s in args.seeds)
     majority = ", ".join(f"{100 * results[s]['majority']:.1f}" for s in args.seeds)
-    evaluated = len(splits["test"])
-    header = (f"Task `{args.task}`, seeds {args.seeds}, {evaluated} {args.eval_split} samples per seed; full method "
-              f"lambda = {settings['recon_loss_weight']}, router lr multiplier = {settings['vedas_lr_multiplier']}; "
+    header = (f"Task `{args.task}`, seeds {args.seeds}, {evaluated['num_samples']} {args.eval_split} samples per seed; "
+              f"full method lambda = {settings['recon_loss_weight']}, router lr multiplier = "
+              f"{settings['vedas_lr_multiplier']}; "
               f"the readers read {reading}% of the {args.eval_split} digits / panels (per seed); always answering "
               f"the most frequent {args.eval_split} answer: {majority}%.")
     table = markdown(rows, results, args.seeds, header)

@@ -388,6 +388,10 @@ def test_table1_command_runs_paired_seeds_with_intervals_and_resumes_from_its_ca
     longer = subprocess.run([*base, "--num_train_epochs", "2", "--max_new_tokens", "8"], capture_output=True,
                             text=True, env=env, timeout=300)
     assert longer.returncode != 0 and "no-cot.json was computed with max_new_tokens=6" in longer.stderr
+    validation = subprocess.run([*base, "--num_train_epochs", "2", "--max_new_tokens", "6", "--eval_split",
+                                 "validation", "--num_validation_samples", "4"], capture_output=True, text=True,
+                                env=env, timeout=300)
+    assert validation.returncode != 0 and "reading.json was computed with eval_split='test'" in validation.stderr
 
 
 def test_inspect_script_draws_each_steps_tokens_window_and_probe(tiny, tmp_path):

@@ -1,5 +1,5 @@
 # Copyright 2026 The vedas-hf authors. Licensed under the Apache License, Version 2.0.
-"""Configuration of Vedas (Visual Enhanced Depth Scaling) on Qwen2-VL and Qwen2.5-VL backbones.
+"""Configuration of Vedas (Visual Enhanced Depth Scaling) on Qwen2-VL, Qwen2.5-VL and Chameleon backbones.
 
 This file is uploaded to the Hub next to `modeling_vedas.py`; it imports only transformers.
 """
@@ -7,7 +7,7 @@ This file is uploaded to the Hub next to `modeling_vedas.py`; it imports only tr
 import math
 from dataclasses import dataclass
 
-from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import ChameleonConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
 
 REPLAY_MODES = ("patches", "soft_mix", "none")
@@ -189,22 +189,38 @@ class VedasConfigMixin:
             raise ValueError(f"recon_grad_to_vision={self.recon_grad_to_vision!r} must be True or False.")
         if not isinstance(self.recon_loss_weight, (int, float)) or self.recon_loss_weight < 0:
             raise ValueError(f"recon_loss_weight={self.recon_loss_weight!r} must be a number >= 0.")
-        resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
+        resolve_router_layers(self.router_layers, self.get_text_config().num_hidden_layers)
         self.check_recon_crop_size(self.recon_crop_size)
         self._validate_token_ids()
 
     def check_recon_crop_size(self, size):
         """`ValueError` unless `size` is a valid `recon_crop_size` for this vision tower: `None` or a positive
-        multiple of `patch_size * spatial_merge_size`."""
+        multiple of the pixels per visual token side ([`image_token_pixels`])."""
         if size is None:
             return
-        cell = self.vision_config.patch_size * self.vision_config.spatial_merge_size
+        cell = self.image_token_pixels
         if not isinstance(size, int) or isinstance(size, bool) or size < cell or size % cell:
             nearest = f" (nearest: {max(1, round(size / cell)) * cell})" if isinstance(size, (int, float)) else ""
             raise ValueError(
                 f"recon_crop_size={size!r} must be None (crops resized to their image's size) or a positive multiple "
-                f"of patch_size * spatial_merge_size = {cell} pixels{nearest}."
+                f"of {self.image_token_pixels_name} = {cell} pixels{nearest}."
             )
+
+    @property
+    def image_token_pixels(self) -> int:
+        """Side in pixels of the square one visual token covers (Qwen: `patch_size * spatial_merge_size`)."""
+        return self.vision_config.patch_size * self.vision_config.spatial_merge_size
+
+    image_token_pixels_name = "patch_size * spatial_merge_size"
+
+    def reserved_token_ids(self) -> dict:
+        """Ids of the backbone's image/video marker tokens, which no latent token may reuse."""
+        return {
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+        }
 
     def _validate_token_ids(self):
         latent_ids = {
@@ -212,13 +228,8 @@ class VedasConfigMixin:
             "start_latent_token_id": self.start_latent_token_id,
             "end_latent_token_id": self.end_latent_token_id,
         }
-        vocab_size = self.text_config.vocab_size
-        reserved = {
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-        }
+        vocab_size = self.get_text_config().vocab_size
+        reserved = self.reserved_token_ids()
         seen = {}
         for name, value in latent_ids.items():
             if value is None:
@@ -236,14 +247,14 @@ class VedasConfigMixin:
     @property
     def router_layer_indices(self) -> list[int]:
         """Decoder-layer indices that carry a router."""
-        return resolve_router_layers(self.router_layers, self.text_config.num_hidden_layers)
+        return resolve_router_layers(self.router_layers, self.get_text_config().num_hidden_layers)
 
     def router_alpha(self, layer_idx: int) -> int:
         """alpha(l): tokens refined at decoder layer `layer_idx` per routed chunk."""
         if self.router_schedule == "fixed":
             return self.router_top_k
         return cosine_alpha(
-            layer_idx, self.text_config.num_hidden_layers, self.router_alpha_start, self.router_alpha_end
+            layer_idx, self.get_text_config().num_hidden_layers, self.router_alpha_start, self.router_alpha_end
         )
 
 
@@ -266,4 +277,48 @@ class VedasQwen2_5_VLConfig(VedasConfigMixin, Qwen2_5_VLConfig):
     model_type = "vedas_qwen2_5_vl"
 
 
-__all__ = ["VedasConfigMixin", "VedasQwen2VLConfig", "VedasQwen2_5_VLConfig", "cosine_alpha", "resolve_router_layers"]
+class VedasChameleonConfig(VedasConfigMixin, ChameleonConfig):
+    __doc__ = (
+        "Configuration of [`VedasChameleonForConditionalGeneration`]: a stock Chameleon configuration plus the fields "
+        "of Vedas (paper sections 3.2-3.4). Defaults are the paper's settings. What differs from the Qwen backbones: "
+        "a visual token is one VQ-VAE code (its embedding row), one per `2 ** (len(vq_config.channel_multiplier) - "
+        "1)` pixels on a side; positions are 1-D, so `replay_positions=\"image\"` gives a replayed token its prompt "
+        "column's position; the reconstruction target is the crop re-tokenised by the model's own VQ-VAE. "
+        "`swin_norm=True` (Chameleon-30B's layer order) is not supported.\n\n    Args:" + _VEDAS_ARGS_DOC
+    )
+
+    model_type = "vedas_chameleon"
+    image_token_pixels_name = "2 ** (len(vq_config.channel_multiplier) - 1)"
+
+    def check_vedas_fields(self):
+        super().check_vedas_fields()
+        if self.swin_norm:
+            raise ValueError(
+                "swin_norm=True (Chameleon-30B's normalisation order) is not supported by the Vedas layers, which "
+                "recompute a layer's queries, keys and restricted passes in the pre-norm order of Chameleon-7B; use a "
+                "swin_norm=False checkpoint."
+            )
+
+    @property
+    def image_token_pixels(self) -> int:
+        """Side in pixels of the square one VQ-VAE code covers: the encoder halves the resolution at every level but
+        the last."""
+        return 2 ** (len(self.vq_config.channel_multiplier) - 1)
+
+    def reserved_token_ids(self) -> dict:
+        vocabulary = self.vocabulary_map or {}
+        return {
+            "image_token_id": self.image_token_id,
+            "begin_of_image_token_id": vocabulary.get("<racm3:break>"),
+            "end_of_image_token_id": vocabulary.get("<eoss>"),
+        }
+
+
+__all__ = [
+    "VedasChameleonConfig",
+    "VedasConfigMixin",
+    "VedasQwen2VLConfig",
+    "VedasQwen2_5_VLConfig",
+    "cosine_alpha",
+    "resolve_router_layers",
+]

@@ -39,6 +39,12 @@ from transformers.conversion_mapping import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import GENERATION_CONFIG_NAME, cached_file
+from transformers.models.chameleon.modeling_chameleon import (
+    ChameleonDecoderLayer,
+    ChameleonForConditionalGeneration,
+    ChameleonModel,
+    ChameleonPreTrainedModel,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLDecoderLayer,
@@ -59,7 +65,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     rotate_half,
 )
 
-from .configuration_vedas import VedasQwen2_5_VLConfig, VedasQwen2VLConfig
+from .configuration_vedas import VedasChameleonConfig, VedasQwen2_5_VLConfig, VedasQwen2VLConfig
 
 
 # transformers renamed the cache keyword from `past_key_values` (<= 5.2x) to `cache`; detect it once.
@@ -204,6 +210,8 @@ class VedasPass(LatentPass):
         chunk_index: global index of the first chunk of this call (orders router-cache entries).
         router_cache: selected keys/values of earlier chunks.
         rotary_emb: the text model's rotary embedding (for `router_positions="rearrange"`).
+        position_planes: leading dimension of the position ids the rotary embedding takes (3 for M-RoPE, 1 for
+            1-D positions, which it takes as `(batch, seq)`).
         capture_saliency: whether each layer records the last token's attention over all keys.
         saliency: filled by the layers: layer index -> `(batch, past + seq)` head-averaged attention row.
         saliency_keys: a `SaliencyKeyCache` when the layers should also record `detached_saliency`, the same row
@@ -212,10 +220,12 @@ class VedasPass(LatentPass):
 
     def __init__(self, *, key_mask: torch.Tensor, eligible: torch.Tensor, chunks: list, chunk_index: int,
                  router_cache: VedasRouterCache, config: VedasQwen2VLConfig, rotary_emb: nn.Module,
-                 capture_saliency: bool = True, saliency_keys: SaliencyKeyCache | None = None):
+                 position_planes: int = 3, capture_saliency: bool = True,
+                 saliency_keys: SaliencyKeyCache | None = None):
         super().__init__()
         self.key_mask, self.eligible, self.chunks, self.chunk_index = key_mask, eligible, chunks, chunk_index
         self.router_cache, self.config, self.rotary_emb = router_cache, config, rotary_emb
+        self.position_planes = position_planes
         self.capture_saliency = capture_saliency
         self.saliency_keys = saliency_keys if capture_saliency else None
         self.saliency, self.detached_saliency = {}, {}
@@ -351,6 +361,15 @@ class VedasDecoderLayerMixin:
         )
         if not isinstance(vedas_pass, VedasPass):
             return output
+        if isinstance(output, tuple):  # Chameleon's layers return `(hidden_states,)`
+            return (self._vedas_refine(output[0], hidden_states, position_embeddings, kwargs, cache_name, cache,
+                                       vedas_pass, replay), *output[1:])
+        return self._vedas_refine(output, hidden_states, position_embeddings, kwargs, cache_name, cache, vedas_pass,
+                                  replay)
+
+    def _vedas_refine(self, output, hidden_states, position_embeddings, kwargs, cache_name, cache, vedas_pass, replay):
+        """Routing (when the layer has a router) and saliency capture on the stock layer's `output`
+        `(batch, seq, hidden)`; `hidden_states` is the layer's input."""
         if self.router is not None:
             output = self._route(output, position_embeddings, vedas_pass, store=not replay)
         if vedas_pass.capture_saliency:
@@ -372,8 +391,7 @@ class VedasDecoderLayerMixin:
         """Record the last token's attention row computed from this layer's detached inputs (`SaliencyKeyCache`):
         the same values as the saliency, with gradient to `q_proj`, `k_proj` and the input norm only."""
         detached = hidden_states.detach()
-        attn, (batch, seq, _) = self.self_attn, detached.shape
-        keys = attn.k_proj(self.input_layernorm(detached)).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        keys = self._project("k", self.input_layernorm(detached))
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (B, 1, seq, hd)
         keys = vedas_pass.saliency_keys.extend(
             self.layer_idx, vedas_pass.chunk_index, keys * cos + rotate_half(keys) * sin, store=not replay
@@ -382,6 +400,13 @@ class VedasDecoderLayerMixin:
         if not replay:
             vedas_pass.detached_saliency[self.layer_idx] = saliency
         return _BackwardAfter.apply(output, saliency) if saliency.requires_grad else output
+
+    def _project(self, name: str, normed: torch.Tensor) -> torch.Tensor:
+        """The attention's `"q"`, `"k"` or `"v"` heads of normed inputs `(batch, seq, hidden)`, as the stock attention
+        computes them before RoPE: `(batch, heads, seq, head_dim)`."""
+        attn = self.self_attn
+        batch, seq, _ = normed.shape
+        return getattr(attn, f"{name}_proj")(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
 
     # ---- saliency (eq. 4 for the last token, from its query and the cached keys) ----------------------------
 
@@ -396,8 +421,7 @@ class VedasDecoderLayerMixin:
         """
         attn = self.self_attn
         batch = hidden_states.shape[0]
-        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1:]))
-        query = query.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        query = self._project("q", self.input_layernorm(hidden_states[:, -1:]))  # (B, H, 1, hd)
         cos, sin = (t[:, None, -1:] for t in position_embeddings)  # (B, 1, 1, hd)
         query = query * cos + rotate_half(query) * sin
         # keys (B, Hkv, P, hd) read in place (no repeat / upcast copies)
@@ -440,7 +464,9 @@ class VedasDecoderLayerMixin:
         past = vedas_pass.router_cache.past(self.layer_idx, depth, vedas_pass.chunk_index)
         offset = past[2].sum(dim=1, keepdim=True) if past is not None else 0
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0) + offset  # (B, n)
-        return vedas_pass.rotary_emb(position_embeddings[0], positions.unsqueeze(0).expand(3, -1, -1))
+        if vedas_pass.position_planes > 1:  # M-RoPE: text positions on every plane
+            positions = positions.unsqueeze(0).expand(vedas_pass.position_planes, -1, -1)
+        return vedas_pass.rotary_emb(position_embeddings[0], positions)
 
     def _restricted_pass(self, selected, cos, sin, valid, depth, vedas_pass, store=True):
         """The layer's transformation f over the selected tokens only: `(batch, n, hidden)` -> same.
@@ -452,9 +478,7 @@ class VedasDecoderLayerMixin:
         attn = self.self_attn
         batch, n, _ = selected.shape
         normed = self.input_layernorm(selected)
-        query = attn.q_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
-        keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
-        values = attn.v_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+        query, keys, values = (self._project(name, normed) for name in ("q", "k", "v"))
         query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
         keys, values, key_valid = vedas_pass.router_cache.extend(
             self.layer_idx, depth, vedas_pass.chunk_index, keys, values, valid, store
@@ -481,6 +505,19 @@ class VedasQwen2VLDecoderLayer(VedasDecoderLayerMixin, Qwen2VLDecoderLayer):
 
 class VedasQwen2_5_VLDecoderLayer(VedasDecoderLayerMixin, Qwen2_5_VLDecoderLayer):
     """Qwen2.5-VL decoder layer with Vedas saliency capture and an optional router (see [`VedasDecoderLayerMixin`])."""
+
+
+class VedasChameleonDecoderLayer(VedasDecoderLayerMixin, ChameleonDecoderLayer):
+    """Chameleon decoder layer with Vedas saliency capture and an optional router (see [`VedasDecoderLayerMixin`]);
+    its queries and keys pass Chameleon's per-head LayerNorms (`q_norm`, `k_norm`) before RoPE, as in the stock
+    attention."""
+
+    def _project(self, name: str, normed: torch.Tensor) -> torch.Tensor:
+        heads = super()._project(name, normed)  # (B, H, seq, hd)
+        if name == "v":
+            return heads
+        norm = self.self_attn.q_norm if name == "q" else self.self_attn.k_norm  # weights (H, hd)
+        return norm(heads.transpose(1, 2)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -558,6 +595,24 @@ class VedasQwen2_5_VLModel(VedasModelMixin, Qwen2_5_VLModel):
     vedas_pretrained_class = Qwen2_5_VLPreTrainedModel
     vedas_vision_class = Qwen2_5_VisionTransformerPretrainedModel
     vedas_text_class = VedasQwen2_5_VLTextModel
+
+
+class VedasChameleonModel(VedasTextModelMixin, ChameleonModel):
+    """Chameleon backbone (frozen VQ-VAE + Vedas decoder stack): the language model and the image tokenizer in one
+    module, as in stock Chameleon."""
+
+    config_class = VedasChameleonConfig
+    vedas_layer_class = VedasChameleonDecoderLayer
+
+    def __init__(self, config):
+        config.check_vedas_fields()  # from_pretrained sets its keyword arguments after the config's own checks
+        super().__init__(config, router_layers=config.router_layer_indices, router_depth=config.router_depth)
+
+    @property
+    def language_model(self) -> "VedasChameleonModel":
+        """The decoder stack, which for Chameleon is this module itself (Qwen backbones hold it as a submodule), so
+        `model.model.language_model.layers` reaches the decoder layers on every backbone."""
+        return self
 
 
 class TokenSR(nn.Module):
@@ -638,11 +693,12 @@ class VedasForConditionalGenerationMixin:
 
     vedas_pretrained_class = None  # the backbone's PreTrainedModel base (its __init__ is called directly)
     vedas_model_class = None
+    vedas_position_planes = 3  # leading dimension of the position ids: 3 for M-RoPE (t, h, w), 1 for 1-D RoPE
 
     def __init__(self, config):
         self.vedas_pretrained_class.__init__(self, config)
         self.model = self.vedas_model_class(config)
-        text = config.text_config
+        text = config.get_text_config()
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.token_sr = TokenSR(text.hidden_size, config.token_sr)
         self.post_init()
@@ -679,6 +735,34 @@ class VedasForConditionalGenerationMixin:
                 self.generation_config.num_latent_steps = steps
         return result
 
+    # ---- backbone specifics (overridden by the Chameleon class) -----------------------------------------------
+
+    @property
+    def _vedas_language_model(self) -> nn.Module:
+        """The decoder stack the latent passes call with `inputs_embeds` (it holds `layers` and `rotary_emb`)."""
+        return self.model.language_model
+
+    def _token_grids(self, image_grid_thw, pixel_values) -> list:
+        """`(t, h, w)` of every image in visual tokens (merged patches), in processor order; None without images."""
+        if image_grid_thw is None:
+            return None
+        merge = self.config.vision_config.spatial_merge_size
+        return [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
+
+    def _vedas_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits `(..., vocab)` of final-norm hidden states, as the stock forward computes them."""
+        return self.lm_head(hidden)
+
+    def _decoding_inputs(self, extended_mask, rope_deltas) -> dict:
+        """Arguments that make the stock generation loop continue the positions of the latent phase: Qwen's
+        `get_rope_index` offset is kept on the model (`rope_deltas`, which its decoding steps add)."""
+        self.model.rope_deltas = rope_deltas
+        return {}
+
+    def _stock_forward(self, **inputs):
+        """The backbone's own forward (what `forward` runs for sequences without latents)."""
+        return super().forward(**inputs)
+
     # ---- embeddings and positions -----------------------------------------------------------------------------
 
     def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
@@ -702,16 +786,15 @@ class VedasForConditionalGenerationMixin:
             )
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
-        return positions.unsqueeze(0).expand(3, -1, -1), deltas
+        return positions.unsqueeze(0).expand(self.vedas_position_planes, -1, -1), deltas
 
-    @staticmethod
-    def _positions_after_prompt(full_mask, new_len, rope_deltas):
-        """Sequential text positions `(3, batch, new_len)` of the last `new_len` columns of `full_mask`."""
+    def _positions_after_prompt(self, full_mask, new_len, rope_deltas):
+        """Sequential text positions `(planes, batch, new_len)` of the last `new_len` columns of `full_mask`."""
         positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_len:] + rope_deltas
-        return positions.unsqueeze(0).expand(3, -1, -1)
+        return positions.unsqueeze(0).expand(self.vedas_position_planes, -1, -1)
 
     def _chunk_positions(self, position_mask, chunk_mask, prompt_positions, replay_columns, rope_deltas):
-        """Positions `(3, batch, n)` of a latent-step chunk (`n` = replayed tokens + the latent) and the grown
+        """Positions `(planes, batch, n)` of a latent-step chunk (`n` = replayed tokens + the latent) and the grown
         `position_mask` `(batch, cached_len + n)`, which marks the columns that advance the text positions.
 
         Without `replay_columns` (`"sequential"` replay positions, or no replay) every valid column of the chunk
@@ -722,8 +805,9 @@ class VedasForConditionalGenerationMixin:
             position_mask = torch.cat([position_mask, chunk_mask], dim=1)
             return self._positions_after_prompt(position_mask, chunk_mask.shape[1], rope_deltas), position_mask
         position_mask = torch.cat([position_mask, torch.zeros_like(chunk_mask[:, :-1]), chunk_mask[:, -1:]], dim=1)
-        latent = self._positions_after_prompt(position_mask, 1, rope_deltas)  # (3, batch, 1)
-        replayed = prompt_positions.gather(2, replay_columns.unsqueeze(0).expand(3, -1, -1))  # (3, batch, n - 1)
+        latent = self._positions_after_prompt(position_mask, 1, rope_deltas)  # (planes, batch, 1)
+        planes = prompt_positions.shape[0]
+        replayed = prompt_positions.gather(2, replay_columns.unsqueeze(0).expand(planes, -1, -1))  # (planes, batch, n - 1)
         return torch.cat([replayed, latent], dim=2), position_mask
 
     # ---- one cached pass through the language model ---------------------------------------------------------
@@ -731,8 +815,9 @@ class VedasForConditionalGenerationMixin:
     def _language_pass(self, embeds, positions, full_mask, cache, vedas_pass: LatentPass | None = None):
         """Run `embeds` `(batch, seq, hidden)` against `cache` (which it extends); returns final-norm hidden states
         `(batch, seq, hidden)`. `vedas_pass` defaults to a stock-layer pass."""
-        out = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+        out = self._vedas_language_model(
+            inputs_embeds=embeds, attention_mask=full_mask,
+            position_ids=positions if self.vedas_position_planes > 1 else positions[0],
             vedas_pass=LatentPass() if vedas_pass is None else vedas_pass,
             # the cache is passed in: `use_cache` would only create one, and makes checkpointed layers warn
             use_cache=False, **{CACHE_KWARG: cache},
@@ -751,7 +836,8 @@ class VedasForConditionalGenerationMixin:
             chunk_index=chunk_index,
             router_cache=router_cache,
             config=self.config,
-            rotary_emb=self.model.language_model.rotary_emb,
+            rotary_emb=self._vedas_language_model.rotary_emb,
+            position_planes=self.vedas_position_planes,
             capture_saliency=capture_saliency,
             saliency_keys=saliency_keys,
         )
@@ -822,7 +908,7 @@ class VedasForConditionalGenerationMixin:
         attention_mask = attention_mask.long()
         prompt_embeds = self._prompt_embeddings(input_ids, pixel_values, image_grid_thw)
         positions, rope_deltas = self._prompt_positions(input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        cache = DynamicCache(config=config.text_config)
+        cache = DynamicCache(config=config.get_text_config())
         router_cache = VedasRouterCache()
         steps = step_active.shape[1]
         replay = config.replay_mode != "none"
@@ -895,14 +981,15 @@ class VedasForConditionalGenerationMixin:
         on the host after one copy of the selections; the crops are re-encoded one step at a time, which keeps the
         encoding's temporaries (the peak of a checkpointed training step) at one step's crops.
         """
-        layout = image_layout(input_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
+        layout = image_layout(input_ids == self.config.image_token_id, self._token_grids(image_grid_thw, pixel_values))
         selections = torch.stack([torch.stack([step["index"], step["valid"].long()]) for step in trace]).cpu()
         windows = []  # per step: {row: window}
         for index, valid in selections:
             found = (replay_window(layout, row, index[row], valid[row].bool(), self.config.recon_window)
                      for row in range(index.shape[0]))
             windows.append({row: window for row, window in enumerate(found) if window is not None})
-        grids, frames = image_grid_thw.tolist(), {}  # frames: shared by the steps, each image un-patchified once
+        grids = None if image_grid_thw is None else image_grid_thw.tolist()
+        frames = {}  # shared by the steps: each image un-patchified once
         with torch.no_grad():
             targets = [self._encode_crops(list(step.values()), pixel_values, grids, frames) if step else None
                        for step in windows]
@@ -1003,7 +1090,7 @@ class VedasForConditionalGenerationMixin:
                 raise ValueError("The latent forward does not support `mm_encoder_outputs`; pass `pixel_values`.")
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs  # only passed when set: older backbones lack it
         if not has_latents:
-            return super().forward(
+            return self._stock_forward(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
@@ -1027,14 +1114,14 @@ class VedasForConditionalGenerationMixin:
             positions = self._positions_after_prompt(full_mask, input_ids.shape[1] - end, phase.rope_deltas)
             embeds = self.model.get_input_embeddings()(input_ids[:, end:])
             hidden.append(self._language_pass(embeds, positions, full_mask, phase.cache))
-        logits = self.lm_head(torch.cat(hidden, dim=1))
+        logits = self._vedas_logits(torch.cat(hidden, dim=1))
 
         ce_loss = recon_loss = loss = None
         if phase.recon_losses:
             recon_loss = torch.stack(phase.recon_losses).mean()
         if labels is not None:
             ce_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),  # token sum / this count (gradient accumulation)
             )
             loss = ce_loss if recon_loss is None else ce_loss + weight * recon_loss
@@ -1122,7 +1209,7 @@ class VedasForConditionalGenerationMixin:
         end_column = torch.full((batch, 1), self.config.end_latent_token_id, dtype=input_ids.dtype, device=input_ids.device)
         extended_ids = torch.cat([prompt_ids, torch.full_like(phase.inserted, placeholder), end_column], dim=1)
         extended_mask = torch.cat([phase.attention_mask, torch.ones_like(end_column)], dim=1)
-        self.model.rope_deltas = phase.rope_deltas
+        kwargs = {**kwargs, **self._decoding_inputs(extended_mask, phase.rope_deltas)}
         expand = self._generation_expand_size(generation_config, kwargs)
         if expand > 1:
             phase.cache.batch_repeat_interleave(expand)
@@ -1143,7 +1230,7 @@ class VedasForConditionalGenerationMixin:
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences
-        out["latent_trace"] = self._public_trace(phase.trace, steps, prompt_ids, image_grid_thw)
+        out["latent_trace"] = self._public_trace(phase.trace, steps, prompt_ids, image_grid_thw, pixel_values)
         if latent_probe_top_k:
             self._add_latent_probe(out["latent_trace"], phase.latent_hidden, latent_probe_top_k)
         return out
@@ -1151,7 +1238,7 @@ class VedasForConditionalGenerationMixin:
     def _add_latent_probe(self, trace, latent_hidden, top_k):
         """Adds `"probe"` to each trace row: the top-k `(token_id, probability)` of the LM head on the step's latent
         hidden state `latent_hidden` `(batch, steps, hidden)`."""
-        probabilities = self.lm_head(latent_hidden).float().softmax(dim=-1)  # (batch, steps, vocab)
+        probabilities = self._vedas_logits(latent_hidden).float().softmax(dim=-1)  # (batch, steps, vocab)
         top = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
         ids, values = top.indices.tolist(), top.values.tolist()
         for step, rows in enumerate(trace):
@@ -1193,7 +1280,7 @@ class VedasForConditionalGenerationMixin:
     def _check_position_budget(self, input_ids, steps: int, generation_config, kwargs) -> None:
         """`ValueError` when the prompt, `steps` latent steps (each `replay_top_k` replayed tokens and the latent,
         positions advancing as configured) and the new tokens would run past the text model's position limit."""
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
         if not limit:
             return
         per_step = 1
@@ -1299,7 +1386,7 @@ class VedasForConditionalGenerationMixin:
         if self._static_decoding(generation_config, kwargs) != "static":
             return cache
         max_new = self._max_new_tokens(generation_config, kwargs, prompt_columns)
-        static = StaticCache(config=self.config.text_config, max_cache_len=total_columns + max_new)
+        static = StaticCache(config=self.config.get_text_config(), max_cache_len=total_columns + max_new)
         for layer_idx, layer in enumerate(cache.layers):
             static.update(layer.keys, layer.values, layer_idx)
         return static
@@ -1366,14 +1453,14 @@ class VedasForConditionalGenerationMixin:
         returned = self._generation_setting("num_return_sequences", generation_config, kwargs) or 1
         return num_beams if num_beams > 1 else returned
 
-    def _public_trace(self, trace, steps, prompt_ids, image_grid_thw):
+    def _public_trace(self, trace, steps, prompt_ids, image_grid_thw, pixel_values):
         """Per step, per row: `{"visual_indices", "image", "box"}` (box `(x0, y0, x1, y1)` in resized pixels;
         empty indices and `None` when nothing was replayed)."""
         if not trace:
             empty = {"visual_indices": [], "image": None, "box": None}
             return [[dict(empty) for _ in range(prompt_ids.shape[0])] for _ in range(steps)]
-        layout = image_layout(prompt_ids == self.config.image_token_id, image_grid_thw, self.config.vision_config)
-        cell = self.config.vision_config.spatial_merge_size * self.config.vision_config.patch_size
+        layout = image_layout(prompt_ids == self.config.image_token_id, self._token_grids(image_grid_thw, pixel_values))
+        cell = self.config.image_token_pixels
         steps = []
         for step in trace:
             rows = []
@@ -1409,6 +1496,72 @@ class VedasQwen2_5_VLForConditionalGeneration(VedasForConditionalGenerationMixin
     _no_split_modules = ["VedasQwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
     vedas_pretrained_class = Qwen2_5_VLPreTrainedModel
     vedas_model_class = VedasQwen2_5_VLModel
+
+
+class VedasChameleonForConditionalGeneration(VedasForConditionalGenerationMixin, ChameleonForConditionalGeneration):
+    """Chameleon with Vedas latent reasoning (see [`VedasForConditionalGenerationMixin`]).
+
+    What differs from the Qwen backbones: the visual tokens are the VQ-VAE codes of each image, embedded by the
+    language model's own embedding table (so replay re-inserts those embeddings); positions are 1-D; the
+    reconstruction target is the mean embedding of the codes the same VQ-VAE gives the cropped window. Inputs are
+    the `ChameleonProcessor`'s `input_ids`, `attention_mask` and `pixel_values` `(images, C, H, W)`.
+    """
+
+    config_class = VedasChameleonConfig
+    _no_split_modules = ["VedasChameleonDecoderLayer"]
+    vedas_pretrained_class = ChameleonPreTrainedModel
+    vedas_model_class = VedasChameleonModel
+    vedas_position_planes = 1
+
+    def _token_grids(self, image_grid_thw, pixel_values) -> list:
+        """`(1, H / cell, W / cell)` per image of `pixel_values` `(images, C, H, W)`; None without images."""
+        if pixel_values is None:
+            return None
+        cell = self.config.image_token_pixels
+        return [(1, pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell)] * pixel_values.shape[0]
+
+    def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
+        """Token embeddings with each image's VQ-VAE codes (as vocabulary ids) in its `<image>` placeholders:
+        `(batch, seq, hidden)`."""
+        if pixel_values is not None:
+            codes = self.model.get_image_tokens(pixel_values)  # (images, codes per image) vocabulary ids
+            mask = input_ids == self.config.image_token_id
+            input_ids = input_ids.masked_scatter(mask, codes.to(input_ids.dtype))
+        return self.model.get_input_embeddings()(input_ids)
+
+    def _stock_forward(self, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
+                       mm_token_type_ids=None, **inputs):
+        """Stock Chameleon forward: the Qwen-only processor outputs are dropped (`mm_token_type_ids`, which the
+        collator writes for every backbone, carries nothing Chameleon uses); videos are an error."""
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise ValueError("Chameleon takes no videos; drop pixel_values_videos / video_grid_thw.")
+        return super()._stock_forward(**inputs)
+
+    def _vedas_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """As the stock forward: image-code ids can never be predicted (their logits are the dtype's minimum)."""
+        logits = self.lm_head(hidden)
+        logits[..., self.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+        return logits
+
+    def _decoding_inputs(self, extended_mask, rope_deltas) -> dict:
+        """1-D positions of every column (what transformers would derive from the mask) plus the latent phase's
+        offset; the generation loop continues them."""
+        positions = (extended_mask.long().cumsum(-1) - 1).clamp(min=0) + rope_deltas
+        return {"position_ids": positions.masked_fill(extended_mask == 0, 0)}
+
+    def _encode_crops(self, windows, pixel_values, grids, frames=None):
+        """Each window cropped from `pixel_values` `(images, C, H, W)`, resized (bilinear) to `recon_crop_size`
+        (default: the image's size), re-tokenised by the VQ-VAE and embedded: the mean embedding of its codes,
+        `(n_windows, hidden)`."""
+        cell, side = self.config.image_token_pixels, self.config.recon_crop_size
+        out_size = tuple(pixel_values.shape[-2:]) if side is None else (side, side)
+        crops = []
+        for window in windows:
+            top, left, size = window["row"] * cell, window["col"] * cell, window["size"] * cell
+            crop = pixel_values[window["image"] : window["image"] + 1, :, top : top + size, left : left + size]
+            crops.append(F.interpolate(crop.float(), size=out_size, mode="bilinear", align_corners=False))
+        codes = self.model.get_image_tokens(torch.cat(crops).to(pixel_values.dtype))  # (n_windows, codes)
+        return self.model.get_input_embeddings()(codes).mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1558,7 +1711,49 @@ def _check_images(config, input_ids, pixel_values, image_grid_thw):
             f"input_ids hold {image_tokens} image tokens but image_grid_thw describes {len(grids)} images with "
             f"{expected} merged patches; every image needs one <|image_pad|> per merged patch (use the processor)."
         )
-    image_layout(input_ids == config.image_token_id, image_grid_thw, vision)  # per row: a ValueError naming it
+    image_layout(input_ids == config.image_token_id,  # per row: a ValueError naming it
+                 [(t, h // merge, w // merge) for t, h, w in grids])
+
+
+def _check_vq_images(config, input_ids, pixel_values, image_grid_thw):
+    """Chameleon: `pixel_values` `(images, C, H, W)` agrees with the VQ-VAE config and the `<image>` placeholders
+    (one per VQ code: `(H / cell) * (W / cell)` per image, `cell` = `config.image_token_pixels`)."""
+    image_tokens = int((input_ids == config.image_token_id).sum())
+    if image_grid_thw is not None:
+        raise ValueError(
+            "image_grid_thw was given to a Chameleon model, whose images are whole (images, C, H, W) tensors; drop it "
+            "(it belongs to Qwen2-VL processors)."
+        )
+    if pixel_values is None:
+        if image_tokens:
+            raise ValueError(
+                f"input_ids hold {image_tokens} image tokens (id {config.image_token_id}) but pixel_values is None; "
+                "pass the processor's pixel_values."
+            )
+        return
+    channels, cell = config.vq_config.in_channels, config.image_token_pixels
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(
+            f"pixel_values must be a tensor of shape (images, {channels}, height, width), got {shape}; use the "
+            "processor with return_tensors='pt'."
+        )
+    height, width = pixel_values.shape[-2:]
+    if height % cell or width % cell:
+        raise ValueError(
+            f"pixel_values holds {height}x{width} images; the VQ-VAE needs sides that are multiples of {cell} pixels "
+            "(one code each); resize them with the processor."
+        )
+    if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values must be finite floats (found NaN/inf or an integer dtype); check the images.")
+    per_image = (height // cell) * (width // cell)
+    if image_tokens != per_image * pixel_values.shape[0]:
+        raise ValueError(
+            f"input_ids hold {image_tokens} image tokens but pixel_values holds {pixel_values.shape[0]} images of "
+            f"{per_image} codes each; every image needs {per_image} <image> placeholders (use the processor, whose "
+            "image_seq_length must match the VQ-VAE)."
+        )
+    image_layout(input_ids == config.image_token_id, [(1, height // cell, width // cell)] * pixel_values.shape[0])
 
 
 def check_model_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -1572,14 +1767,17 @@ def check_model_inputs(config, input_ids, attention_mask=None, pixel_values=None
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got {shape}.")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: an empty batch or an empty prompt.")
-    vocab_size = config.text_config.vocab_size
+    vocab_size = config.get_text_config().vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids hold id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size}).")
     for name, tensor in (("attention_mask", attention_mask), ("mm_token_type_ids", mm_token_type_ids),
                          ("labels", labels)):
         _check_same_shape(name, tensor, input_ids)
-    _check_images(config, input_ids, pixel_values, image_grid_thw)
+    if config.model_type == VedasChameleonConfig.model_type:  # by name: remote code has its own copy of the class
+        _check_vq_images(config, input_ids, pixel_values, image_grid_thw)
+    else:
+        _check_images(config, input_ids, pixel_values, image_grid_thw)
 
 
 def latent_block(input_ids, attention_mask, latent_id):
@@ -1613,28 +1811,27 @@ def _visual_positions(visual_mask):
     return order, valid
 
 
-def image_layout(visual_mask, image_grid_thw, vision_config):
-    """Assign images to rows: list per row of `(global image index, first visual index, merged h, merged w)`.
+def image_layout(visual_mask, grids):
+    """Assign images to rows: list per row of `(global image index, first visual index, h, w)`.
 
-    Images belong to rows in order (as the processor emits them); each image holds `t * h * w / merge**2`
-    placeholder tokens. Raises `ValueError` when the counts do not match.
+    Args:
+        visual_mask: `(batch, seq)` bool, the image placeholder tokens.
+        grids: per image, `(t, h, w)` in visual tokens (`_token_grids` of the model), or None without images.
+    Images belong to rows in order (as the processor emits them); each holds `t * h * w` placeholder tokens.
+    Raises `ValueError` when the counts do not match.
     """
-    if image_grid_thw is None:
+    if grids is None:
         return [[] for _ in range(visual_mask.shape[0])]
-    merge = vision_config.spatial_merge_size
-    grids = image_grid_thw.tolist()
     counts = visual_mask.sum(dim=1).tolist()
     layout, image = [], 0
     for row, count in enumerate(counts):
         row_images, first = [], 0
         while first < count:
             if image >= len(grids):
-                raise ValueError(
-                    f"Row {row} has {count} image tokens but image_grid_thw only describes {len(grids)} images."
-                )
+                raise ValueError(f"Row {row} has {count} image tokens but the inputs only describe {len(grids)} images.")
             t, h, w = grids[image]
-            row_images.append((image, first, h // merge, w // merge))
-            first += t * h * w // merge**2
+            row_images.append((image, first, h, w))
+            first += t * h * w
             image += 1
         if first != count:
             raise ValueError(f"Row {row}: {count} image tokens do not match the image grids (expected {first}).")
@@ -1720,6 +1917,9 @@ for _ours, _stock in (
 
 
 __all__ = [
+    "VedasChameleonDecoderLayer",
+    "VedasChameleonForConditionalGeneration",
+    "VedasChameleonModel",
     "VedasDecoderLayerMixin",
     "VedasForConditionalGenerationMixin",
     "VedasModelMixin",

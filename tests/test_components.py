@@ -22,7 +22,7 @@ def _replay_inputs(model, processor, images):
 
     batch = make_batch(processor, ["Shape?", "Colour?"], [[images[0]], [images[1]]])
     ids = batch["input_ids"]
-    prompt_embeds = model._prompt_embeddings(ids, batch["pixel_values"], batch["image_grid_thw"])
+    prompt_embeds = model._prompt_embeddings(ids, batch["pixel_values"], batch.get("image_grid_thw"))
     visual_pos, visual_valid = _visual_positions(ids == model.config.image_token_id)
     saliency = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     return saliency, visual_pos, visual_valid, prompt_embeds
@@ -66,7 +66,9 @@ def test_reconstruction_loss_alone_sends_no_gradient_into_the_vision_tower(vedas
     for grad_to_vision in (False, True):
         model = load(vedas_dir, recon_grad_to_vision=grad_to_vision).train()
         grads[grad_to_vision] = _recon_gradients(model, processor, images)
-    tower = [name for name in grads[False] if name.startswith("model.visual.")]
+    for grad_to_vision in (False, True):
+        grads[grad_to_vision] = _vision_gradients(model, grads[grad_to_vision])
+    tower = [name for name in grads[False] if name.startswith("vision:")]
     assert tower
     for name in tower:
         assert grads[False][name] is None or not grads[False][name].any(), name
@@ -74,13 +76,26 @@ def test_reconstruction_loss_alone_sends_no_gradient_into_the_vision_tower(vedas
 
     reached = {name for name, g in grads[False].items() if g is not None and g.abs().sum() > 0}
     assert {"token_sr.net.weight", "token_sr.net.bias"} <= reached
-    layers = [f"model.language_model.layers.{i}." for i in range(model.config.text_config.num_hidden_layers)]
-    for prefix in layers:
-        assert {prefix + "self_attn.q_proj.weight", prefix + "self_attn.k_proj.weight",
-                prefix + "input_layernorm.weight"} <= reached, prefix
+    layers = model.model.language_model.layers
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."  # ...layers.
+    for i in range(len(layers)):
+        assert {f"{prefix}{i}.self_attn.q_proj.weight", f"{prefix}{i}.self_attn.k_proj.weight",
+                f"{prefix}{i}.input_layernorm.weight"} <= reached, i
     language = {name for name in reached if not name.startswith("token_sr.")}
-    assert all(name.split(".", 4)[-1].split(".")[0] in ("self_attn", "input_layernorm") for name in language)
+    assert all(name.startswith(prefix) for name in language), language  # no embedding, no final norm, no head
+    assert all(name[len(prefix):].split(".")[1] in ("self_attn", "input_layernorm") for name in language)
     assert not any("v_proj" in name or "o_proj" in name or "mlp" in name for name in language)
+
+
+def _vision_gradients(model, grads: dict) -> dict:
+    """`grads` with what the visual features come from renamed `vision:<name>`: Qwen's vision tower; Chameleon's
+    image-code rows of the embedding table (its VQ-VAE is discrete)."""
+    if hasattr(model.model, "visual"):
+        return {("vision:" + n if n.startswith("model.visual.") else n): g for n, g in grads.items()}
+    name = next(n for n, p in model.named_parameters() if p is model.model.embed_tokens.weight)
+    codes = model.model.vocabulary_mapping.image_tokens
+    embedding = grads.pop(name)
+    return {**grads, "vision:image-code embeddings": None if embedding is None else embedding[codes]}
 
 
 def test_detached_saliency_has_the_values_of_the_saliency(vedas_dir, processor, images):

@@ -429,6 +429,8 @@ def test_bad_stage_is_an_error(processor, record, kwargs, message):
     ],
 )
 def test_special_token_text_in_a_record_is_an_error(processor, record, field, value, label, special):
+    if special not in processor.tokenizer.get_vocab():
+        pytest.skip(f"{special} is not a token of this backbone")
     with pytest.raises(ValueError) as error:
         build_stage_example({**record, field: value}, 1, processor=processor)
     assert f"field {label!r} contains the special token string {special!r}" in str(error.value)
@@ -493,8 +495,11 @@ def test_collator_aligns_latent_block(processor, images, latents):
     for row, example in enumerate(examples):  # every row keeps its tokens, in order
         kept = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
         assert kept == example["input_ids"]
-    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
-    assert batch["image_grid_thw"].shape[0] == 2
+    if "image_grid_thw" in batch:  # Qwen: patch rows; Chameleon: one (C, H, W) entry per image
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+        assert batch["image_grid_thw"].shape[0] == 2
+    else:
+        assert batch["pixel_values"].shape[0] == 2
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -532,7 +537,8 @@ def test_collator_mixes_rows_with_and_without_images(processor, images, order):
     with_images = [e for e in examples if e.get("pixel_values") is not None]
     assert len(with_images) == 2
     assert torch.equal(batch["pixel_values"], torch.cat([e["pixel_values"] for e in with_images]))
-    assert torch.equal(batch["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in with_images]))
+    if "image_grid_thw" in batch:
+        assert torch.equal(batch["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in with_images]))
 
 
 # ---- images PIL opens but the model would see wrongly, or that are not local files -----------------------------

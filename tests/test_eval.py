@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vedas_hf.data import NormalizedRecords, prompt_messages
+from vedas_hf.data import NormalizedRecords, chat_prompt, prompt_messages
 from vedas_hf.eval import (
     answers_match,
     evaluate,
@@ -96,9 +96,8 @@ def test_counts_are_exact_on_a_tiny_checkpoint(tiny, records):
     eos = {processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     expected = []
     for record in records:
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}],
-            add_generation_prompt=True,
+        prompt = chat_prompt(
+            processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["question"]}]}]
         )
         inputs = processor(text=[prompt], images=[record["image"]], return_tensors="pt")
         new = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, num_latent_steps=2)
@@ -184,7 +183,7 @@ def test_window_images_draw_the_replay_boxes(tiny, records, tmp_path):
     assert drawn.size == original.size
     # the first step's outline is where the trace says: its corners changed colour, pixels off every outline did not
     record = NormalizedRecords(records[:1], require_steps=False)[0]
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt = chat_prompt(processor, prompt_messages(record))
     inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
     trace = model.generate(**inputs, num_latent_steps=2, max_new_tokens=2, do_sample=False,
                            return_dict_in_generate=True).latent_trace
@@ -413,7 +412,7 @@ def test_inspect_script_draws_each_steps_tokens_window_and_probe(tiny, tmp_path)
     # the cells the first step replayed are tinted in its colour; a cell no step replayed keeps the image's pixels
     record = NormalizedRecords([{"image": str(tmp_path / "square.png"), "question": "Where is the square?",
                                  "answer": "?"}], require_steps=False)[0]
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt = chat_prompt(processor, prompt_messages(record))
     inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
     trace = model.generate(**inputs, num_latent_steps=2, max_new_tokens=1, return_dict_in_generate=True).latent_trace
     replayed = {i for step in trace for i in step[0]["visual_indices"]}

@@ -134,7 +134,7 @@ def test_example_length_counts_what_rendering_gives(processor):
 def test_a_record_longer_than_the_positions_fails_when_the_trainer_is_built(tiny_dir, records, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    limit = model.config.text_config.max_position_embeddings
+    limit = model.config.get_text_config().max_position_embeddings
     long = {**records[0], "question": "word " * (limit + 10)}
     with pytest.raises(ValueError, match=rf"Record 2: .*max_position_embeddings={limit}.*set max_length"):
         VedasSFTTrainer(model=model, args=cpu_args(tmp_path), train_dataset=[records[0], records[1], long],
@@ -150,7 +150,7 @@ def test_max_length_above_the_positions_warns(tiny_dir, records, tmp_path, caplo
     from transformers.utils import logging as transformers_logging
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
-    limit = model.config.text_config.max_position_embeddings
+    limit = model.config.get_text_config().max_position_embeddings
     transformers_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING):
@@ -166,7 +166,7 @@ def test_max_length_above_the_positions_warns(tiny_dir, records, tmp_path, caplo
 
 def test_generate_refuses_latent_steps_past_the_position_limit(tiny):
     model, processor = tiny
-    limit = model.config.text_config.max_position_embeddings
+    limit = model.config.get_text_config().max_position_embeddings
     per_step = model.config.replay_top_k + 1
     with pytest.raises(ValueError, match=rf"num_latent_steps=1000 needs up to \d+ positions.*={limit}"):
         model.generate(**prompt(processor), num_latent_steps=1000, max_new_tokens=2)
@@ -196,7 +196,7 @@ def test_config_fields_set_after_loading_are_validated(tiny_dir, processor):
     suffix = torch.tensor([[config.start_latent_token_id, config.latent_token_id, config.end_latent_token_id, 5]])
     with pytest.raises(ValueError, match="replay_top_k=0"):
         model(input_ids=torch.cat([batch["input_ids"], suffix], dim=1), pixel_values=batch["pixel_values"],
-              image_grid_thw=batch["image_grid_thw"])
+              image_grid_thw=batch.get("image_grid_thw"))
 
 
 # ---- scripts and configuration ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 import vedas_hf.convert
 import vedas_hf.push
 from conftest import make_batch
+from vedas_hf.data import chat_prompt
 from vedas_hf.convert import SETTABLE_FIELDS, convert_checkpoint, detect_backbone, main as convert_main, model_card
 from vedas_hf.push import IGNORE_PATTERNS, check_folder, push_to_hub
 from vedas_hf.testing import make_tiny_images, make_tiny_stock_checkpoint
@@ -146,14 +147,14 @@ def test_push_refuses_broken_folders(vedas_dir, stock_dir, tmp_path):
 def test_image_text_to_text_pipeline_runs_latent_generation(vedas_dir):
     model = AutoModelForImageTextToText.from_pretrained(vedas_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(vedas_dir)
+    if processor.chat_template is None:  # ChameleonProcessor takes no chat template on reload; its tokenizer keeps it
+        processor.chat_template = processor.tokenizer.chat_template
     image = make_tiny_images(1, sizes=((48, 32),), seed=3)[0]
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     out = pipe(text=messages, max_new_tokens=4, return_full_text=False,
                generate_kwargs={"num_latent_steps": 2, "do_sample": False, "min_new_tokens": 4})
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}], add_generation_prompt=True
-    )
+    prompt = chat_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}])
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_latent_steps=2)
     expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
@@ -191,7 +192,7 @@ def test_tied_checkpoint_converts_to_exactly_the_stock_logits(tmp_path, backbone
     batch = make_batch(processor, ["What digit is this?", "Colour of the shape?"], [[images[0]], None])
     with torch.no_grad():
         expected, got = stock(**batch).logits, model(**batch).logits
-    assert got.shape[-1] == model.config.text_config.vocab_size
+    assert got.shape[-1] == model.config.get_text_config().vocab_size
     assert torch.equal(got, expected)  # every column, the latent tokens' included
     assert "Tied word embeddings: the latent tokens keep their stock embedding rows" in caplog.text
 

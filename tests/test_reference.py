@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText
 
-from conftest import make_batch
+from conftest import make_batch, qwen_only
 from test_modeling import latent_sequence, randomize_gates
 
 
@@ -42,6 +42,14 @@ CASES = {
     "rearrange-K4-W3-D1-fixed": (dict(replay_top_k=4, recon_window=3, router_top_k=3, router_positions="rearrange"),
                                  2, 3),
 }
+
+
+@pytest.fixture(autouse=True)
+def _qwen_reference(request):
+    """This reference re-derives M-RoPE positions and the vision tower's patch rows; Chameleon's own independent
+    checks (a Coconut loop over the stock model, the VQ-VAE crop target) are in tests/test_chameleon.py."""
+    if "backbone" in request.fixturenames:
+        qwen_only(request.getfixturevalue("backbone"), "the reference re-derives M-RoPE and patch rows")
 
 
 def load_case(vedas_dir, overrides, dtype=torch.float32):
@@ -89,7 +97,7 @@ def alpha_of(config, layer_idx):
     """alpha(l): fixed, or eq. 15 (stated intent: from alpha_s at the first layer towards alpha_e)."""
     if config.router_schedule == "fixed":
         return config.router_top_k
-    num_layers, start, end = config.text_config.num_hidden_layers, config.router_alpha_start, config.router_alpha_end
+    num_layers, start, end = config.get_text_config().num_hidden_layers, config.router_alpha_start, config.router_alpha_end
     return max(1, round(end + (start - end) / 2 * (1 + math.cos(math.pi * layer_idx / num_layers))))
 
 
@@ -398,7 +406,7 @@ def test_latent_generate_without_replay_and_zero_gates_is_a_coconut_loop_over_th
         embeds = stock.model.get_input_embeddings()(ids)
         features = torch.cat(stock.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         embeds[ids == config.image_token_id] = features
-        cache = DynamicCache(config=config.text_config)
+        cache = DynamicCache(config=config.get_text_config())
         next_position = int(positions.max()) + 1
 
         def step(inputs_embeds, position_ids, length):

@@ -166,7 +166,7 @@ MALFORMED = [
     ("offloaded cache with latent steps", lambda t, p: generate(t, prompt_batch(t), cache_implementation="offloaded"),
      "cache_implementation='offloaded'"),
     ("a cache passed to latent generate",
-     lambda t, p: generate(t, prompt_batch(t), **{CACHE_KWARG: DynamicCache(config=t.model.config.text_config)}),
+     lambda t, p: generate(t, prompt_batch(t), **{CACHE_KWARG: DynamicCache(config=t.model.config.get_text_config())}),
      "builds its own cache"),
     ("latent tokens continuing a filled cache", lambda t, p: _latents_after_a_filled_cache(t), "continues a filled cache"),
     ("the cache of a latent generate continued", lambda t, p: _continue_a_latent_generate_cache(t),

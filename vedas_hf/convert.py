@@ -1,4 +1,4 @@
-"""Convert a stock Qwen2-VL or Qwen2.5-VL checkpoint folder into a Hub-ready Vedas folder.
+"""Convert a stock Qwen2-VL, Qwen2.5-VL or Chameleon checkpoint folder into a Hub-ready Vedas folder.
 
     python -m vedas_hf.convert SRC DST [--backbone auto] [--overwrite] [--base-model Qwen/Qwen2-VL-2B-Instruct]
         [--set num_latent_steps=4 --set router_layers=odd ...]
@@ -24,6 +24,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from . import (
+    VedasChameleonConfig,
+    VedasChameleonForConditionalGeneration,
     VedasQwen2_5_VLConfig,
     VedasQwen2_5_VLForConditionalGeneration,
     VedasQwen2VLConfig,
@@ -43,6 +45,7 @@ LATENT_TOKENS = {
 BACKBONES = {
     "qwen2_vl": (VedasQwen2VLConfig, VedasQwen2VLForConditionalGeneration, "Qwen2-VL"),
     "qwen2_5_vl": (VedasQwen2_5_VLConfig, VedasQwen2_5_VLForConditionalGeneration, "Qwen2.5-VL"),
+    "chameleon": (VedasChameleonConfig, VedasChameleonForConditionalGeneration, "Chameleon"),
 }
 SUPPORTED_BACKBONES = tuple(BACKBONES)
 # the tokenizer files a checkpoint folder needs, as alternatives per entry: its config and its vocabulary
@@ -121,7 +124,9 @@ def _stock_config_kwargs(src: Path) -> dict:
 
 
 def add_latent_tokens(tokenizer, vocab_size: int) -> dict:
-    """Add the three latent tokens (special, never split) and return their ids by config field name.
+    """Add the three latent tokens (special, never split) and return their ids by config field name. They may
+    land past `vocab_size` (a tokenizer that fills the vocabulary, e.g. Chameleon's): `convert_checkpoint` then
+    grows the embeddings.
 
     Raises `ValueError` when the tokenizer is larger than the model's vocabulary (a mismatched tokenizer).
     """
@@ -205,18 +210,27 @@ def _is_vedas_parameter(name: str) -> bool:
     return ".router." in name or name.startswith(("token_sr.", "model.token_sr."))
 
 
-def _load_stock_weights(model_class, src: Path, config, dtype):
+def _load_stock_weights(model_class, src: Path, config, dtype, stock_vocab_size: int | None = None):
     """The Vedas model with the stock weights of `src`. transformers' own report of the parameters it had to
     initialise is replaced by one line: the routers and TokenSR are expected there (zero gates keep the converted
-    model equal to the stock one); any other missing weight is a warning naming it."""
+    model equal to the stock one); any other missing weight is a warning naming it.
+
+    `stock_vocab_size`: when the latent tokens do not fit the stock vocabulary, the stock embedding size; the model
+    is loaded at that size and then grown to `config`'s (see `_grow_vocabulary`)."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    target = config.get_text_config().vocab_size
     try:
+        if stock_vocab_size is not None:
+            config.get_text_config().vocab_size = stock_vocab_size
         model, info = model_class.from_pretrained(src, config=config, dtype=dtype, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
+        config.get_text_config().vocab_size = target
+    if stock_vocab_size is not None:
+        _grow_vocabulary(model, target)
     missing = sorted(info.get("missing_keys", []))
     added = [name for name in missing if _is_vedas_parameter(name)]
     logger.info("Initialised the %d Vedas parameters that a stock checkpoint does not have (routers with zero gates, "
@@ -225,6 +239,20 @@ def _load_stock_weights(model_class, src: Path, config, dtype):
     if other:
         logger.warning("%s lacks %d stock weights, initialised at random: %s", src, len(other), other[:10])
     return model
+
+
+def _grow_vocabulary(model, vocab_size: int) -> None:
+    """Grow the input embeddings and the LM head to `vocab_size` rows for latent tokens past the stock vocabulary.
+    The new LM-head rows are zeros; those tokens are never predicted (their logits are masked by backbones that
+    mask non-text tokens, e.g. Chameleon), so the logits over the stock vocabulary are unchanged."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:].zero_()
+        output = model.get_output_embeddings()
+        if output is not None and not _embeddings_tied(model):
+            output.weight[old:].zero_()
+    logger.info("Grew the vocabulary from %d to %d rows for the latent tokens.", old, vocab_size)
 
 
 def _temporary_sibling(dst: Path, kind: str) -> Path:
@@ -265,7 +293,7 @@ def convert_checkpoint(
     base_model: str | None = None,
     **config_overrides,
 ) -> str:
-    """Convert the stock Qwen2-VL / Qwen2.5-VL checkpoint `src` into a Vedas checkpoint written to `dst`.
+    """Convert the stock Qwen2-VL / Qwen2.5-VL / Chameleon checkpoint `src` into a Vedas checkpoint written to `dst`.
 
     The folder is written to a hidden sibling `.<dst name>.tmp-<pid>` and renamed to `dst` only when complete, so a
     failure or interrupt leaves no partial `dst` (and an existing `dst` untouched). With `overwrite` an existing
@@ -279,7 +307,8 @@ def convert_checkpoint(
     Args:
         src: stock checkpoint folder (config.json, safetensors, processor/tokenizer files).
         dst: target folder; must not exist or be empty unless `overwrite`.
-        backbone: `"auto"` (read `model_type` from `src`), `"qwen2_vl"` or `"qwen2_5_vl"` (checked against `src`).
+        backbone: `"auto"` (read `model_type` from `src`), `"qwen2_vl"`, `"qwen2_5_vl"` or `"chameleon"` (checked
+            against `src`).
         init_token: token whose embedding initialises the latent tokens of untied checkpoints (default: the
             tokenizer's eos token).
         dtype: load/save dtype (default: the checkpoint's).
@@ -299,16 +328,17 @@ def convert_checkpoint(
     stock_kwargs = _stock_config_kwargs(src)
     processor = AutoProcessor.from_pretrained(src)
     tokenizer = processor.tokenizer
-    vocab_size = stock_kwargs["text_config"]["vocab_size"]
+    text_kwargs = stock_kwargs.get("text_config", stock_kwargs)  # Chameleon's config is flat
+    vocab_size = text_kwargs["vocab_size"]
     existing = set(tokenizer.get_vocab())
     token_ids = add_latent_tokens(tokenizer, vocab_size)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"Adding the latent tokens grows the tokenizer to {len(tokenizer)} > vocab_size {vocab_size}; "
-            "resize the checkpoint's embeddings first."
-        )
+    grown = max(len(tokenizer) - vocab_size, 0)
+    if "vocabulary_map" in stock_kwargs:  # Chameleon's config keeps the tokenizer's vocabulary
+        stock_kwargs["vocabulary_map"] = {**(stock_kwargs["vocabulary_map"] or {}), **tokenizer.get_vocab()}
+    if grown:  # the latent ids must be in the vocabulary when the config checks them; the weights grow on load
+        text_kwargs["vocab_size"] = len(tokenizer)
     config = config_class(**{**stock_kwargs, **token_ids, **config_overrides})
-    model = _load_stock_weights(model_class, src, config, dtype)
+    model = _load_stock_weights(model_class, src, config, dtype, vocab_size if grown else None)
     new_ids = [token_ids[f] for f, t in LATENT_TOKENS.items() if t not in existing]
     if new_ids:
         init_token = init_token or tokenizer.eos_token
@@ -375,7 +405,7 @@ def _parse_value(text: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="stock Qwen2-VL or Qwen2.5-VL checkpoint folder")
+    parser.add_argument("src", help="stock Qwen2-VL, Qwen2.5-VL or Chameleon checkpoint folder")
     parser.add_argument("dst", help="target folder (must be empty unless --overwrite)")
     parser.add_argument("--backbone", default="auto", choices=("auto", *SUPPORTED_BACKBONES),
                         help="stock backbone of SRC (default: read from its config.json)")

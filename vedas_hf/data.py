@@ -585,12 +585,36 @@ def example_length(record: dict, stage: int, *, processor, max_latent_stage: int
     prompt, latents, target = _stage_text(record, stage, processor, max_latent_stage, pad_latent_to_max,
                                           answer_prefix, mode)
     length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    image_processor = processor.image_processor
-    merge = getattr(image_processor, "merge_size", 1) ** 2
     for image in record["images"]:
-        length += image_processor.get_number_of_image_patches(image.height, image.width, {}) // merge - 1
+        length += _image_tokens(processor, image) - 1  # in place of the placeholder the chat template writes
+    if _appends_separator(processor):
+        length += 1
     length += len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
     return length + latents + (2 if latents and use_latent_markers else 0)
+
+
+def chat_prompt(processor, messages: list) -> str:
+    """The generation prompt of chat `messages` (`apply_chat_template(..., add_generation_prompt=True)`), from the
+    processor's chat template or, where the processor lost it on reload (`ChameleonProcessor` takes no
+    `chat_template`; its tokenizer keeps it), from the tokenizer's."""
+    if getattr(processor, "chat_template", None) is None and getattr(processor, "tokenizer", None) is not None:
+        return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _image_tokens(processor, image) -> int:
+    """Tokens the processor gives one image: Qwen2-VL, one per merged patch; Chameleon, `image_seq_length` codes
+    between its begin- and end-of-image tokens."""
+    image_processor = processor.image_processor
+    if hasattr(image_processor, "get_number_of_image_patches"):
+        merge = getattr(image_processor, "merge_size", 1) ** 2
+        return image_processor.get_number_of_image_patches(image.height, image.width, {}) // merge
+    return processor.image_seq_length + 2
+
+
+def _appends_separator(processor) -> bool:
+    """Whether the processor appends the tokenizer's sep token to every prompt (`ChameleonProcessor`, chat mode)."""
+    return hasattr(processor, "image_seq_length") and getattr(processor.tokenizer, "sep_token", None) is not None
 
 
 def _stage_text(record: dict, stage: int, processor, max_latent_stage: int, pad_latent_to_max: bool,
@@ -599,7 +623,7 @@ def _stage_text(record: dict, stage: int, processor, max_latent_stage: int, pad_
     and the target text (the steps not replaced, then the answer)."""
     steps = record["steps"] if mode != "no_cot" else []
     replaced, latents = stage_plan(len(steps), stage if mode == "latent" else 0, max_latent_stage, pad_latent_to_max)
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt = chat_prompt(processor, prompt_messages(record))
     remaining = steps[replaced:]
     target = "\n".join(remaining) + ("\n" if remaining else "") + answer_prefix + record["answer"]
     return prompt, latents, target
@@ -666,13 +690,22 @@ def build_stage_example(
     example = {
         "input_ids": input_ids,
         "labels": [IGNORE_INDEX] * (len(prompt_ids) + len(latent_ids)) + target_ids,
-        "mm_token_type_ids": encoded["mm_token_type_ids"][0].tolist() + [0] * (len(latent_ids) + len(target_ids)),
+        "mm_token_type_ids": _modality_types(encoded, processor) + [0] * (len(latent_ids) + len(target_ids)),
         "num_latents": latents,
     }
     if "pixel_values" in encoded:
         example["pixel_values"] = encoded["pixel_values"]
-        example["image_grid_thw"] = encoded["image_grid_thw"]
+        if "image_grid_thw" in encoded:  # Qwen2-VL; Chameleon's images are whole (images, C, H, W) tensors
+            example["image_grid_thw"] = encoded["image_grid_thw"]
     return example
+
+
+def _modality_types(encoded, processor) -> list:
+    """The prompt's `mm_token_type_ids` (1 at image tokens), from the processor or, where it returns none
+    (Chameleon), from its image token."""
+    if "mm_token_type_ids" in encoded:
+        return encoded["mm_token_type_ids"][0].tolist()
+    return [int(token == processor.image_token_id) for token in encoded["input_ids"][0].tolist()]
 
 
 # ---- collator ------------------------------------------------------------------------------------------------
@@ -736,12 +769,14 @@ class VedasDataCollator:
         with_images = [e for e in examples if e.get("pixel_values") is not None]  # text-only rows have None or none
         if with_images:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+            if with_images[0].get("image_grid_thw") is not None:
+                batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
         return batch
 
 
 __all__ = [
     "AdaptedRecords",
+    "chat_prompt",
     "VedasDataCollator",
     "DATASET_FORMATS",
     "NormalizedRecords",

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from .data import IGNORE_INDEX, VedasDataCollator, prompt_messages
+from .data import IGNORE_INDEX, VedasDataCollator, chat_prompt, prompt_messages
 
 
 def _routers(model) -> dict:
@@ -112,7 +112,7 @@ def prompt_statistics(processor, records, config) -> tuple[list, list]:
     lengths, visual = [], []
     marker = 1 if config.start_latent_token_id is not None else 0
     for record in records:
-        prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+        prompt = chat_prompt(processor, prompt_messages(record))
         inputs = processor(text=[prompt], images=record["images"] or None, return_tensors="pt")
         lengths.append(inputs["input_ids"].shape[1] + marker)
         visual.append(int((inputs["input_ids"] == config.image_token_id).sum()))

@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import NormalizedRecords, check_image_sizes, prompt_messages
+from .data import NormalizedRecords, chat_prompt, check_image_sizes, prompt_messages
 
 
 _TRAILING = ".。!?, "
@@ -120,7 +120,7 @@ def evaluate(
     model.eval()
     batches = _batches(records, batch_size)  # read (images decoded) one batch at a time
     for batch in tqdm(batches, total=-(-len(records) // batch_size), desc="evaluate", disable=not progress):
-        prompts = [processor.apply_chat_template(prompt_messages(r), add_generation_prompt=True) for r in batch]
+        prompts = [chat_prompt(processor, prompt_messages(r)) for r in batch]
         images = [image for r in batch for image in r["images"]] or None
         inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True).to(device)
         start = time.perf_counter()
@@ -178,14 +178,18 @@ def window_images(model, processor, records, out_dir, num_latent_steps: int, max
     for index, record in enumerate(records):
         if not record["images"]:
             continue
-        prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+        prompt = chat_prompt(processor, prompt_messages(record))
         inputs = processor(text=[prompt], images=record["images"], return_tensors="pt")
         out = model.generate(**inputs.to(next(model.parameters()).device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_latent_steps=num_latent_steps, return_dict_in_generate=True)
         image = record["images"][0]
-        patch = model.config.vision_config.patch_size
-        _, h, w = inputs["image_grid_thw"][0].tolist()
-        scale = (image.width / (w * patch), image.height / (h * patch))
+        if "image_grid_thw" in inputs:  # Qwen2-VL: the resized image is the patch grid
+            patch = model.config.vision_config.patch_size
+            _, h, w = inputs["image_grid_thw"][0].tolist()
+            width, height = w * patch, h * patch
+        else:  # Chameleon: the processed image itself
+            height, width = inputs["pixel_values"].shape[-2:]
+        scale = (image.width / width, image.height / height)
         rows = [dict(step[0], scale=scale) for step in out.latent_trace if step[0].get("image") in (0, None)]
         paths.append(draw_replay_windows(image, rows, os.path.join(out_dir, f"sample_{index:04d}.png")))
     return paths

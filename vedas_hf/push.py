@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 CODE_FILES = ("configuration_vedas.py", "modeling_vedas.py")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-VEDAS_MODEL_TYPES = ("vedas_qwen2_vl", "vedas_qwen2_5_vl")
+VEDAS_MODEL_TYPES = ("vedas_qwen2_vl", "vedas_qwen2_5_vl", "vedas_chameleon")
 AUTO_MAP_CLASSES = ("AutoConfig", "AutoModelForImageTextToText")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # what AutoProcessor needs, as alternatives per entry: tokenizer config, tokenizer vocabulary, image processor config

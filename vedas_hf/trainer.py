@@ -501,7 +501,7 @@ class VedasSFTTrainer(SFTTrainer):
         if not isinstance(args, VedasSFTConfig):
             raise ValueError(f"args must be a VedasSFTConfig, got {type(args).__name__}.")
         if processing_class is None:
-            raise ValueError("Pass the Qwen2-VL processor as processing_class (it renders images and prompts).")
+            raise ValueError("Pass the model's processor as processing_class (it renders images and prompts).")
         check_vedas_model(model, processing_class)
         self._position_limit = _position_limit(model, args)
         renderers = []
@@ -782,7 +782,9 @@ def vedas_lora_config(r: int = 64, lora_alpha: int = 16, lora_dropout: float = 0
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+        # the decoder layers (`model.language_model.layers.*` for Qwen, `model.layers.*` for Chameleon); the vision
+        # tower's blocks and Chameleon's VQ-VAE have no `layers.<n>.self_attn` / `mlp` projections
+        target_modules=r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
         modules_to_save=["router", "token_sr"],
         task_type="CAUSAL_LM",
         **kwargs,

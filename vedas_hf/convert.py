@@ -11,6 +11,7 @@ stock model's outputs. Everything is written to a hidden sibling folder first an
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -221,16 +222,20 @@ def _load_stock_weights(model_class, src: Path, config, dtype, stock_vocab_size:
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
-    target = config.get_text_config().vocab_size
+    load_config = config
+    if stock_vocab_size is not None:  # loaded at the stock size (latent ids unset: past it), then grown
+        load_config = copy.deepcopy(config)
+        load_config.get_text_config().vocab_size = stock_vocab_size
+        for field in LATENT_TOKENS:
+            setattr(load_config, field, None)
     try:
-        if stock_vocab_size is not None:
-            config.get_text_config().vocab_size = stock_vocab_size
-        model, info = model_class.from_pretrained(src, config=config, dtype=dtype, output_loading_info=True)
+        model, info = model_class.from_pretrained(src, config=load_config, dtype=dtype, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
-        config.get_text_config().vocab_size = target
     if stock_vocab_size is not None:
-        _grow_vocabulary(model, target)
+        _grow_vocabulary(model, config.get_text_config().vocab_size)
+        for field in LATENT_TOKENS:
+            setattr(model.config, field, getattr(config, field))
     missing = sorted(info.get("missing_keys", []))
     added = [name for name in missing if _is_vedas_parameter(name)]
     logger.info("Initialised the %d Vedas parameters that a stock checkpoint does not have (routers with zero gates, "

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vedas_hf  # noqa: F401  (registers the Auto classes)
-from vedas_hf.data import NormalizedRecords, prompt_messages
+from vedas_hf.data import NormalizedRecords, chat_prompt, prompt_messages
 
 
 COLOURS = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8", "#911eb4", "#f032e6")
@@ -58,7 +58,7 @@ def load_samples(args) -> list:
 
 def run(model, processor, record, args):
     """Generate with the latent trace and the probe; returns (answer text, trace rows of the sample, merged grid h, w)."""
-    prompt = processor.apply_chat_template(prompt_messages(record), add_generation_prompt=True)
+    prompt = chat_prompt(processor, prompt_messages(record))
     inputs = processor(text=[prompt], images=record["images"], return_tensors="pt").to(model.device)
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True,
                          num_latent_steps=args.num_latent_steps, latent_probe_top_k=args.probe_top_k)

@@ -117,28 +117,34 @@ LATENT_TOKENS: tuple[str, ...] = tuple(_LATENT_TOKENS_BY_FIELD.values())
 # Target size of the trained BPE vocabulary, the 256-symbol byte alphabet included (special tokens come on top).
 BPE_VOCAB_SIZE = 512
 
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' or 'video' in item %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in item %}"
-    "{{ item['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
+def _chat_template(image: str, video: str) -> str:
+    """The tiny chat template with `image` / `video` as what an image / video item renders to."""
+    return (
+        "{% for message in messages %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}"
+        "{{ message['content'] }}"
+        "{% else %}"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+        f"{image}"
+        "{% elif item['type'] == 'video' or 'video' in item %}"
+        f"{video}"
+        "{% elif 'text' in item %}"
+        "{{ item['text'] }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+
+
+TINY_CHAT_TEMPLATE = _chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                    "<|vision_start|><|video_pad|><|vision_end|>")
 """Qwen2-VL style chat template without a default system prompt.
 
 Every message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`; `content` is a string or a list of
@@ -147,28 +153,7 @@ Every message renders as `<|im_start|>{role}\\n{content}<|im_end|>\\n`; `content
 `add_generation_prompt=True` appends `<|im_start|>assistant\\n`.
 """
 
-TINY_CHAMELEON_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
-    "<image>"
-    "{% elif item['type'] == 'video' or 'video' in item %}"
-    "{{ raise_exception('Chameleon takes no videos.') }}"
-    "{% elif 'text' in item %}"
-    "{{ item['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
+TINY_CHAMELEON_CHAT_TEMPLATE = _chat_template("<image>", "{{ raise_exception('Chameleon takes no videos.') }}")
 """`TINY_CHAT_TEMPLATE` for `backbone="chameleon"`: an image item renders as `<image>` (which `ChameleonProcessor`
 expands to `<racm3:break>` + `image_seq_length` x `<image>` + `<eoss>`); a video item raises.
 """

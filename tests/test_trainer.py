@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
-from vedas_hf.data import chat_prompt
 from vedas_hf.data import IGNORE_INDEX, VedasDataCollator
 from vedas_hf.toy import make_digit_arithmetic
 from vedas_hf.trainer import VedasSFTConfig, VedasSFTTrainer, vedas_lora_config
@@ -413,7 +412,7 @@ def check_fresh_process_generate(path, tmp_path):
         model = AutoModelForImageTextToText.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained({str(path)!r})
         messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What?"}}]}}]
-        prompt = chat_prompt(processor, messages)
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=[prompt], images=[Image.new("RGB", (72, 24))], return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_latent_steps=2)
         print("GEN", out.shape[1] - inputs["input_ids"].shape[1])

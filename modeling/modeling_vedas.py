@@ -746,8 +746,7 @@ class VedasForConditionalGenerationMixin:
         """`(t, h, w)` of every image in visual tokens (merged patches), in processor order; None without images."""
         if image_grid_thw is None:
             return None
-        merge = self.config.vision_config.spatial_merge_size
-        return [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
+        return merged_grids(image_grid_thw, self.config.vision_config.spatial_merge_size)
 
     def _vedas_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits `(..., vocab)` of final-norm hidden states, as the stock forward computes them."""
@@ -807,7 +806,8 @@ class VedasForConditionalGenerationMixin:
         position_mask = torch.cat([position_mask, torch.zeros_like(chunk_mask[:, :-1]), chunk_mask[:, -1:]], dim=1)
         latent = self._positions_after_prompt(position_mask, 1, rope_deltas)  # (planes, batch, 1)
         planes = prompt_positions.shape[0]
-        replayed = prompt_positions.gather(2, replay_columns.unsqueeze(0).expand(planes, -1, -1))  # (planes, batch, n - 1)
+        columns = replay_columns.unsqueeze(0).expand(planes, -1, -1)
+        replayed = prompt_positions.gather(2, columns)  # (planes, batch, n - 1)
         return torch.cat([replayed, latent], dim=2), position_mask
 
     # ---- one cached pass through the language model ---------------------------------------------------------
@@ -1515,10 +1515,7 @@ class VedasChameleonForConditionalGeneration(VedasForConditionalGenerationMixin,
 
     def _token_grids(self, image_grid_thw, pixel_values) -> list:
         """`(1, H / cell, W / cell)` per image of `pixel_values` `(images, C, H, W)`; None without images."""
-        if pixel_values is None:
-            return None
-        cell = self.config.image_token_pixels
-        return [(1, pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell)] * pixel_values.shape[0]
+        return None if pixel_values is None else vq_grids(pixel_values, self.config.image_token_pixels)
 
     def _prompt_embeddings(self, input_ids, pixel_values, image_grid_thw):
         """Token embeddings with each image's VQ-VAE codes (as vocabulary ids) in its `<image>` placeholders:
@@ -1665,17 +1662,37 @@ def _check_same_shape(name, tensor, input_ids):
         )
 
 
+def merged_grids(image_grid_thw, merge: int) -> list:
+    """Qwen `image_grid_thw` rows `[t, h, w]` (patches) -> `(t, h / merge, w / merge)` in visual tokens."""
+    return [(t, h // merge, w // merge) for t, h, w in image_grid_thw.tolist()]
+
+
+def vq_grids(pixel_values, cell: int) -> list:
+    """Chameleon `pixel_values` `(images, C, H, W)` -> `(1, H / cell, W / cell)` per image, in VQ codes."""
+    return [(1, pixel_values.shape[-2] // cell, pixel_values.shape[-1] // cell)] * pixel_values.shape[0]
+
+
+def _check_pixels_given(config, image_tokens: int, pixel_values, fix: str) -> bool:
+    """`ValueError` for image placeholders without `pixel_values`; whether there are pixels to check further."""
+    if pixel_values is None and image_tokens:
+        raise ValueError(
+            f"input_ids hold {image_tokens} image tokens (id {config.image_token_id}) but pixel_values is None; {fix}"
+        )
+    return pixel_values is not None
+
+
+def _check_finite(pixel_values) -> None:
+    if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values must be finite floats (found NaN/inf or an integer dtype); check the images.")
+
+
 def _check_images(config, input_ids, pixel_values, image_grid_thw):
     """`pixel_values` `(patches, C*Tp*P*P)` and `image_grid_thw` `(images, 3)` agree with each other, the vision
     config and the image placeholders in `input_ids`."""
     vision = config.vision_config
     image_tokens = int((input_ids == config.image_token_id).sum())
-    if pixel_values is None:
-        if image_tokens:
-            raise ValueError(
-                f"input_ids hold {image_tokens} image tokens (id {config.image_token_id}) but pixel_values is None; "
-                "pass the processor's pixel_values and image_grid_thw."
-            )
+    fix = "pass the processor's pixel_values and image_grid_thw."
+    if not _check_pixels_given(config, image_tokens, pixel_values, fix):
         return
     if image_grid_thw is None:
         raise ValueError("pixel_values was given without image_grid_thw; pass both from the processor.")
@@ -1703,16 +1720,14 @@ def _check_images(config, input_ids, pixel_values, image_grid_thw):
             f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw describes ({rows}, {width}) "
             "patch rows; pass the processor outputs of one call together."
         )
-    if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("pixel_values must be finite floats (found NaN/inf or an integer dtype); check the images.")
+    _check_finite(pixel_values)
     expected = rows // merge**2
     if image_tokens != expected:
         raise ValueError(
             f"input_ids hold {image_tokens} image tokens but image_grid_thw describes {len(grids)} images with "
             f"{expected} merged patches; every image needs one <|image_pad|> per merged patch (use the processor)."
         )
-    image_layout(input_ids == config.image_token_id,  # per row: a ValueError naming it
-                 [(t, h // merge, w // merge) for t, h, w in grids])
+    image_layout(input_ids == config.image_token_id, merged_grids(image_grid_thw, merge))  # per row: a ValueError
 
 
 def _check_vq_images(config, input_ids, pixel_values, image_grid_thw):
@@ -1724,12 +1739,7 @@ def _check_vq_images(config, input_ids, pixel_values, image_grid_thw):
             "image_grid_thw was given to a Chameleon model, whose images are whole (images, C, H, W) tensors; drop it "
             "(it belongs to Qwen2-VL processors)."
         )
-    if pixel_values is None:
-        if image_tokens:
-            raise ValueError(
-                f"input_ids hold {image_tokens} image tokens (id {config.image_token_id}) but pixel_values is None; "
-                "pass the processor's pixel_values."
-            )
+    if not _check_pixels_given(config, image_tokens, pixel_values, "pass the processor's pixel_values."):
         return
     channels, cell = config.vq_config.in_channels, config.image_token_pixels
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
@@ -1744,8 +1754,7 @@ def _check_vq_images(config, input_ids, pixel_values, image_grid_thw):
             f"pixel_values holds {height}x{width} images; the VQ-VAE needs sides that are multiples of {cell} pixels "
             "(one code each); resize them with the processor."
         )
-    if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("pixel_values must be finite floats (found NaN/inf or an integer dtype); check the images.")
+    _check_finite(pixel_values)
     per_image = (height // cell) * (width // cell)
     if image_tokens != per_image * pixel_values.shape[0]:
         raise ValueError(
@@ -1753,7 +1762,7 @@ def _check_vq_images(config, input_ids, pixel_values, image_grid_thw):
             f"{per_image} codes each; every image needs {per_image} <image> placeholders (use the processor, whose "
             "image_seq_length must match the VQ-VAE)."
         )
-    image_layout(input_ids == config.image_token_id, [(1, height // cell, width // cell)] * pixel_values.shape[0])
+    image_layout(input_ids == config.image_token_id, vq_grids(pixel_values, cell))
 
 
 def check_model_inputs(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -1828,7 +1837,9 @@ def image_layout(visual_mask, grids):
         row_images, first = [], 0
         while first < count:
             if image >= len(grids):
-                raise ValueError(f"Row {row} has {count} image tokens but the inputs only describe {len(grids)} images.")
+                raise ValueError(
+                    f"Row {row} has {count} image tokens but the inputs only describe {len(grids)} images."
+                )
             t, h, w = grids[image]
             row_images.append((image, first, h, w))
             first += t * h * w

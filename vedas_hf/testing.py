@@ -80,11 +80,11 @@ VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
 
+# The chat tokens both tiny tokenizers start their special tokens with (padding, turn start, turn end / eos).
+_CHAT_TOKENS: tuple[str, ...] = (PAD_TOKEN, "<|im_start|>", EOS_TOKEN)
 # Qwen2-VL's special tokens, in Qwen2-VL's id order (they follow the BPE vocabulary).
 SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN,
-    "<|im_start|>",
-    EOS_TOKEN,
+    *_CHAT_TOKENS,
     VISION_START_TOKEN,
     VISION_END_TOKEN,
     "<|vision_pad|>",
@@ -99,9 +99,7 @@ CHAMELEON_BOI_TOKEN = "<racm3:break>"
 CHAMELEON_EOI_TOKEN = "<eoss>"
 CHAMELEON_IMAGE_TOKEN = "<image>"
 CHAMELEON_SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN,
-    "<|im_start|>",
-    EOS_TOKEN,
+    *_CHAT_TOKENS,
     CHAMELEON_SEP_TOKEN,
     CHAMELEON_BOI_TOKEN,
     CHAMELEON_EOI_TOKEN,

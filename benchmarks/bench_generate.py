@@ -12,10 +12,14 @@ Variants (same model weights, same prompt, same answer length forced with min_ne
                transformers compiles the decoding step itself when the cache is static; on the CPU `--compile` runs
                (d)/(e) on a copy of the model whose forward is under `torch.compile` (the way
                transformers documents compiled generation), so the static rows measure compiled decoding too.
+  (f, g) at the first batch size (unless `--no-per-step`): (a) with one answer token and (b) with one latent step;
+               the per-round differences give a decoding step ((a) - (f)) / (answer - 1) and a latent step
+               ((b) - (g)) / (T_r - 1), reported next to each other (target: a latent step <= 2 decoding steps).
 Each at batch 1 and batch 16 (one distinct image per row). Warmup, then interleaved rounds; medians reported.
 """
 
 import copy
+import statistics
 
 from _common import (
     NaiveReference,
@@ -47,6 +51,8 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--reps", type=int, default=None, help="minimum timed rounds; default 5 on cpu, 10 on cuda")
     parser.add_argument("--no-naive", action="store_true", help="skip variant (c)")
+    parser.add_argument("--no-per-step", action="store_true",
+                        help="skip the two variants that give the per-latent-step and per-decoding-step times")
     parser.add_argument("--static", action="store_true", help="add (d) stock and (e) vedas with a static cache")
     parser.add_argument("--compile", action="store_true",
                         help="with --static on the CPU: run (d)/(e) with the forward under torch.compile")
@@ -85,6 +91,13 @@ def main():
         # data-dependent (a graph break); the decoding steps compile whole
         static_model.forward = torch.compile(static_model.forward)
 
+    def stock_one_token(inputs):  # prefill + the first token: stock minus it = the decoding steps
+        return model.generate(**inputs, max_new_tokens=1, do_sample=False, num_latent_steps=0)
+
+    def vedas_one_step(inputs):  # vedas minus it = steps - 1 latent steps
+        return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              num_latent_steps=1)
+
     def stock_static(inputs):
         return static_model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                      num_latent_steps=0, cache_implementation="static")
@@ -116,6 +129,7 @@ def main():
             checks["stock_static_tokens_equal_dynamic"] = bool(torch.equal(stock_static(inputs), out_stock))
     print(f"   check: every variant returns prompt + {new} tokens; " + ", ".join(f"{k} {v}" for k, v in checks.items()))
 
+    per_step = steps >= 2 and new >= 2 and not args.no_per_step
     # one interleaved group per batch size (so the cheap batch-1 variants get many rounds)
     times = {}
     with torch.no_grad():
@@ -123,6 +137,9 @@ def main():
             group = {f"stock b{b}": (lambda x=inputs: stock(x)), f"vedas b{b}": (lambda x=inputs: vedas(x))}
             if naive is not None:
                 group[f"naive b{b}"] = lambda x=inputs: reference(x)
+            if b == args.batch_sizes[0] and per_step:
+                group[f"stock 1-token b{b}"] = lambda x=inputs: stock_one_token(x)
+                group[f"vedas T=1 b{b}"] = lambda x=inputs: vedas_one_step(x)
             if args.static:
                 group[f"stock-static b{b}"] = lambda x=inputs: stock_static(x)
                 group[f"vedas-static b{b}"] = lambda x=inputs: vedas_static(x)
@@ -133,11 +150,13 @@ def main():
     best = {name: min(t) for name, t in times.items()}
     rows = []
     for b in args.batch_sizes:
-        for letter, kind in zip("abcde", ("stock", "vedas", "naive", "stock-static", "vedas-static")):
+        for letter, kind in zip("abcdefg", ("stock", "vedas", "naive", "stock-static", "vedas-static",
+                                             "stock 1-token", "vedas T=1")):
             name = f"{kind} b{b}"
             if name in med:
                 rows.append([f"({letter}) {kind}", b, len(times[name]), f"{med[name] * 1e3:.1f}",
-                             f"{best[name] * 1e3:.1f}", f"{spread(times[name]):.1f}", f"{b * new / med[name]:.1f}",
+                             f"{best[name] * 1e3:.1f}", f"{spread(times[name]):.1f}",
+                             f"{b * (1 if kind == 'stock 1-token' else new) / med[name]:.1f}",
                              f"{med[name] / med[f'stock b{b}']:.2f}"])
     print()
     print(table(["variant", "batch", "rounds", "median ms", "min ms", "+-% (IQR/2)", "answer tok/s", "x stock"],
@@ -168,6 +187,16 @@ def main():
                 f"vedas-static b{b}", f"stock-static b{b}", 1.3 if b == b1 else None)
             add(f"vedas_static_over_vedas_b{b}", f"(e)/(b) vedas static/dynamic latency, batch {b}",
                 f"vedas-static b{b}", f"vedas b{b}")
+    if per_step:
+        # paired per round: (stock - stock 1-token) / (new - 1) and (vedas - vedas T=1) / (steps - 1)
+        decode = [(t - o) / (new - 1) for t, o in zip(times[f"stock b{b1}"], times[f"stock 1-token b{b1}"])]
+        latent = [(t - o) / (steps - 1) for t, o in zip(times[f"vedas b{b1}"], times[f"vedas T=1 b{b1}"])]
+        ratios["latent_step_over_decoding_step_b1"] = statistics.median(l / d for l, d in zip(latent, decode))
+        per_step_ms = {"latent_step_ms": median(latent) * 1e3, "decoding_step_ms": median(decode) * 1e3}
+        lines.append(f"per step, batch {b1}: latent step {per_step_ms['latent_step_ms']:.2f} ms, decoding step "
+                     f"{per_step_ms['decoding_step_ms']:.2f} ms (medians of per-round differences); latent / decoding "
+                     f"{ratios['latent_step_over_decoding_step_b1']:.2f}x (paired; "
+                     f"{verdict(ratios['latent_step_over_decoding_step_b1'], 2, False)})")
     for b in args.batch_sizes[1:]:
         for kind in ("vedas", "stock"):
             # throughput ratio = (b / t_b) / (b1 / t_b1)
@@ -184,7 +213,7 @@ def main():
     write_json(args.json, {
         "benchmark": "generate", "args": vars(args), "model": built.description, "prompt_len": prompt_len,
         "visual_tokens": built.visual_tokens, "checks": checks, "times_s": times,
-        "median_s": med, "min_s": best, "ratios": ratios,
+        "median_s": med, "min_s": best, "ratios": ratios, "per_step_ms": per_step_ms if per_step else None,
     })
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -1204,6 +1204,7 @@ class VedasForConditionalGenerationMixin:
                 prompt_ids, prompt_mask, pixel_values, image_grid_thw, prompt_types,
                 torch.ones(batch, steps, dtype=torch.bool, device=input_ids.device), latent_inputs=latent_inputs,
             )
+            _drop_unattended_columns(phase, prompt_ids.shape[1])
         placeholder = self.config.latent_token_id
         placeholder = self.config.end_latent_token_id if placeholder is None else placeholder
         end_column = torch.full((batch, 1), self.config.end_latent_token_id, dtype=input_ids.dtype, device=input_ids.device)
@@ -1564,6 +1565,24 @@ class VedasChameleonForConditionalGeneration(VedasForConditionalGenerationMixin,
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: latent block, visual layout, window search, (un)patchify
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _drop_unattended_columns(phase: ImplicitPhase, prompt_columns: int) -> None:
+    """Remove from `phase` (cache, attention mask, `inserted`) the inserted columns that no row attends: the replay
+    slots of steps that found no unvisited visual token (a prompt with fewer than `T x K` visual tokens leaves
+    whole steps empty). Decoding then sees the stock layout, and an all-ones mask, which transformers drops
+    (no mask built per decoding step, no host sync). Outputs do not change: those keys are masked for every query,
+    and the text positions count attended columns only. One host sync; caches other than plain `DynamicLayer`s
+    (sliding windows, quantized, ...) are left as they are."""
+    attended = phase.inserted.bool().any(dim=0)  # (inserted_len,)
+    if bool(attended.all()) or any(type(layer) is not DynamicLayer for layer in phase.cache.layers):
+        return
+    device = phase.inserted.device
+    keep = torch.cat([torch.arange(prompt_columns, device=device), attended.nonzero().squeeze(1) + prompt_columns])
+    for layer in phase.cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(2, keep), layer.values.index_select(2, keep)
+    phase.attention_mask = phase.attention_mask.index_select(1, keep)
+    phase.inserted = phase.inserted[:, attended]
 
 
 def _stock_layout(input_ids, start: int, count: int):

@@ -223,6 +223,42 @@ def test_static_cache_decoding_gives_the_dynamic_tokens(vedas_dir, processor, im
         assert torch.equal(by_length, dynamic.sequences)
 
 
+def test_replay_columns_nobody_attends_are_dropped_before_decoding(vedas_dir, processor, images, monkeypatch):
+    """K = the largest row's visual-token count: the first step replays every visual token, the next ones find none and
+    leave K empty slots each. `generate` drops those columns before decoding: the same tokens and logits as when
+    they stay (left-padded batch and one row), a cache shorter by exactly the empty slots, and for one unpadded
+    row an all-ones mask, so decoding runs without a mask like stock decoding."""
+    batch = make_batch(processor, ["Shape?", "Colour of the big one, please?"], [[images[0]], [images[1]]])
+    model = load(vedas_dir)
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    visual = model.config.replay_top_k = max(counts)
+    kwargs = dict(num_latent_steps=3, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True)
+    single = split_batch(batch, 0, model.config.image_token_id)
+    masks = []
+
+    def record_decoding_mask(module, args, kw):
+        tokens = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
+        if tokens.shape[1] == 1:
+            masks.append(kw.get("attention_mask"))
+
+    hook = model._vedas_language_model.register_forward_pre_hook(record_decoding_mask, with_kwargs=True)
+    compact = {name: model.generate(**inputs, **kwargs) for name, inputs in (("batch", batch), ("single", single))}
+    hook.remove()
+    assert masks[-3:] == [None] * 3  # the single row's decoding steps: no mask, as in stock decoding
+    monkeypatch.setattr(modeling_vedas, "_drop_unattended_columns", lambda phase, prompt_columns: None)
+    full = {name: model.generate(**inputs, **kwargs) for name, inputs in (("batch", batch), ("single", single))}
+    for name in full:
+        assert torch.equal(compact[name].sequences, full[name].sequences)
+        for got, expected in zip(compact[name].logits, full[name].logits):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        lengths = [out.get("cache", out.get("past_key_values")).get_seq_length() for out in (compact[name],
+                                                                                               full[name])]
+        # steps 2 and 3 are empty (K slots each; K is capped at the prompt's visual-token count)
+        empty = 2 * (visual if name == "batch" else counts[0])
+        assert lengths[1] - lengths[0] == empty
+
+
 def test_compiled_decoding_after_the_latent_steps(vedas_dir, processor, images):
     """The way transformers documents compiled generation: the model's forward under `torch.compile` (a full
     graph: a decoding step does no data-dependent check) and a static cache, here asked for through the model's

@@ -41,6 +41,7 @@ class Profile:
         self.device = device
         self.time = collections.defaultdict(float)
         self.ops = collections.Counter()
+        self.calls = collections.Counter()  # calls that set a phase, per phase (timed runs only)
         self.stack = []  # [phase, component, start, children_time]
         self.phase = "other"
         self.counting = False
@@ -53,6 +54,8 @@ class Profile:
         synchronize(self.device)
         outer_phase = self.stack[-1][0] if self.stack else self.phase
         entry = [phase or outer_phase, component, time.perf_counter(), 0.0]
+        if phase is not None and not self.counting:
+            self.calls[phase] += 1
         self.stack.append(entry)
         try:
             yield
@@ -127,17 +130,20 @@ def instrument(model, profile):
 
 def run_profile(profile, fn, reps):
     fn()  # warmup
+    profile.time.clear(), profile.ops.clear(), profile.calls.clear()
     for _ in range(reps):
         fn()
     timed = {key: value / reps for key, value in profile.time.items()}
+    calls = {phase: count / reps for phase, count in profile.calls.items()}
     profile.counting = True
     with _OpCounter(profile):
         fn()
     profile.counting = False
-    return timed, dict(profile.ops)
+    return timed, dict(profile.ops), calls
 
 
-def report(title, timed, ops, per=None):
+def report(title, timed, ops, per=()):
+    """Print the phase x component table; `per` (label, phase, calls) rows divide a phase by its calls."""
     phases = sorted({phase for phase, _ in timed}, key=lambda p: -sum(v for (q, _), v in timed.items() if q == p))
     rows = []
     for phase in phases:
@@ -145,7 +151,7 @@ def report(title, timed, ops, per=None):
         total = sum(v for (q, _), v in timed.items() if q == phase)
         count = sum(v for (q, _), v in ops.items() if q == phase)
         rows.append([phase, *cells, f"{total * 1e3:.2f} / {count}"])
-    for label, (phase, n) in (per or {}).items():
+    for label, phase, n in per:
         if n:
             total = sum(v for (q, _), v in timed.items() if q == phase) / n
             count = sum(v for (q, _), v in ops.items() if q == phase) / n
@@ -189,15 +195,13 @@ def main():
                       f"T_r={steps}, K={args.top_k}, batch 1, mean of {args.reps} calls",
         })
         for label, latent in (("stock generate", 0), ("vedas generate", steps)):
-            profile.time.clear(), profile.ops.clear()
-
             def call(latent=latent):
                 with torch.no_grad(), profile.top_level("other"):
                     model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                    num_latent_steps=latent)
 
-            timed, ops = run_profile(profile, call, args.reps)
-            per = {"per latent step": ("latent steps", latent), "per decoding step": ("decoding steps", new - 1)}
+            timed, ops, calls = run_profile(profile, call, args.reps)
+            per = [(f"per {name[:-1]}", name, calls.get(name, 0)) for name in ("latent steps", "decoding steps")]
             results[label] = report(label, timed, ops, per)
     else:
         from bench_train import training_batch
@@ -212,8 +216,6 @@ def main():
                      f"mean of {args.reps} steps",
         })
         for label, inputs in (("stock step", stock_batch), ("vedas step", batch)):
-            profile.time.clear(), profile.ops.clear()
-
             def call(inputs=inputs):
                 optimizer.zero_grad(set_to_none=True)
                 with profile.top_level("forward (rest)"):
@@ -223,7 +225,7 @@ def main():
                 with profile.top_level("optimizer"):
                     optimizer.step()
 
-            timed, ops = run_profile(profile, call, args.reps)
+            timed, ops, _ = run_profile(profile, call, args.reps)
             results[label] = report(label, timed, ops)
     if args.json:
         from _common import write_json

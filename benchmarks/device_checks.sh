@@ -59,7 +59,7 @@ step generate "${LIMIT_GENERATE:-150}" "$PY" "$REPO/benchmarks/bench_generate.py
     --json "$OUTDIR/generate.json"
 # shellcheck disable=SC2086  # static-cache decoding after the latent steps (transformers compiles it on a GPU)
 step generate_static "${LIMIT_GENERATE_STATIC:-50}" "$PY" "$REPO/benchmarks/bench_generate.py" --device "$DEVICE" \
-    --static --no-naive --batch-sizes 1 --reps 3 $BENCH_ARGS $GENERATE_ARGS --json "$OUTDIR/generate_static.json"
+    --static --no-naive --no-per-step --batch-sizes 1 --reps 3 $BENCH_ARGS $GENERATE_ARGS --json "$OUTDIR/generate_static.json"
 # shellcheck disable=SC2086
 step memory "${LIMIT_MEMORY:-90}" "$PY" "$REPO/benchmarks/bench_memory.py" --device "$DEVICE" $BENCH_ARGS $MEMORY_ARGS \
     --json "$OUTDIR/memory.json"

@@ -245,6 +245,8 @@ def test_replay_columns_nobody_attends_are_dropped_before_decoding(vedas_dir, pr
     hook = model._vedas_language_model.register_forward_pre_hook(record_decoding_mask, with_kwargs=True)
     compact = {name: model.generate(**inputs, **kwargs) for name, inputs in (("batch", batch), ("single", single))}
     hook.remove()
+    static = model.generate(**batch, cache_implementation="static", **kwargs)  # sized after the drop
+    assert torch.equal(static.sequences, compact["batch"].sequences)
     assert masks[-3:] == [None] * 3  # the single row's decoding steps: no mask, as in stock decoding
     monkeypatch.setattr(modeling_vedas, "_drop_unattended_columns", lambda phase, prompt_columns: None)
     full = {name: model.generate(**inputs, **kwargs) for name, inputs in (("batch", batch), ("single", single))}

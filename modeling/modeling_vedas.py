@@ -1902,11 +1902,8 @@ def replay_window(layout, row, index, valid, size):
     hits = [sum(first <= i < first + h * w for i in selected) for _, first, h, w in layout[row]]
     best = max(range(len(hits)), key=hits.__getitem__)
     image, first, h, w = layout[row][best]
-    counts = torch.zeros(h, w)
-    for i in selected:
-        if first <= i < first + h * w:
-            local = i - first
-            counts[local // w, local % w] += 1
+    local = torch.tensor([i - first for i in selected if first <= i < first + h * w], dtype=torch.long)
+    counts = torch.bincount(local, minlength=h * w).view(h, w)  # selections per grid cell, in one op
     size = min(size, h, w)
     top, left = densest_window(counts, size)
     return {"image": image, "image_in_row": best, "row": top, "col": left, "size": size}

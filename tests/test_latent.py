@@ -224,10 +224,10 @@ def test_static_cache_decoding_gives_the_dynamic_tokens(vedas_dir, processor, im
 
 
 def test_replay_columns_nobody_attends_are_dropped_before_decoding(vedas_dir, processor, images, monkeypatch):
-    """K = the largest row's visual-token count: the first step replays every visual token, the next ones find none and
-    leave K empty slots each. `generate` drops those columns before decoding: the same tokens and logits as when
-    they stay (left-padded batch and one row), a cache shorter by exactly the empty slots, and for one unpadded
-    row an all-ones mask, so decoding runs without a mask like stock decoding."""
+    """K = the largest row's visual-token count: the first step replays every visual token, the next ones find
+    none and leave K empty slots each. `generate` drops those columns before decoding: the same tokens and logits
+    as when they stay (left-padded batch and one row, and with a static cache), a cache shorter by exactly the
+    empty slots, and for one unpadded row an all-ones mask, so decoding runs without a mask like stock decoding."""
     batch = make_batch(processor, ["Shape?", "Colour of the big one, please?"], [[images[0]], [images[1]]])
     model = load(vedas_dir)
     counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()

@@ -1570,8 +1570,8 @@ class VedasChameleonForConditionalGeneration(VedasForConditionalGenerationMixin,
 def _drop_unattended_columns(phase: ImplicitPhase, prompt_columns: int) -> None:
     """Remove from `phase` (cache, attention mask, `inserted`) the inserted columns that no row attends: the replay
     slots of steps that found no unvisited visual token (a prompt with fewer than `T x K` visual tokens leaves
-    whole steps empty). Decoding then sees the stock layout, and an all-ones mask, which transformers drops
-    (no mask built per decoding step, no host sync). Outputs do not change: those keys are masked for every query,
+    whole steps empty). Decoding then sees the stock layout: an unpadded prompt gets an all-ones mask, which
+    transformers drops (5.25; no mask built per decoding step, no host sync). Outputs do not change: those keys are masked for every query,
     and the text positions count attended columns only. One host sync; caches other than plain `DynamicLayer`s
     (sliding windows, quantized, ...) are left as they are."""
     attended = phase.inserted.bool().any(dim=0)  # (inserted_len,)

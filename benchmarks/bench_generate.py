@@ -191,12 +191,17 @@ def main():
         # paired per round: (stock - stock 1-token) / (new - 1) and (vedas - vedas T=1) / (steps - 1)
         decode = [(t - o) / (new - 1) for t, o in zip(times[f"stock b{b1}"], times[f"stock 1-token b{b1}"])]
         latent = [(t - o) / (steps - 1) for t, o in zip(times[f"vedas b{b1}"], times[f"vedas T=1 b{b1}"])]
-        ratios["latent_step_over_decoding_step_b1"] = statistics.median(l / d for l, d in zip(latent, decode))
+        per_round = [l / d for l, d in zip(latent, decode) if d > 0]
+        ratios["latent_step_over_decoding_step_b1"] = statistics.median(per_round) if per_round else float("nan")
         per_step_ms = {"latent_step_ms": median(latent) * 1e3, "decoding_step_ms": median(decode) * 1e3}
-        lines.append(f"per step, batch {b1}: latent step {per_step_ms['latent_step_ms']:.2f} ms, decoding step "
-                     f"{per_step_ms['decoding_step_ms']:.2f} ms (medians of per-round differences); latent / decoding "
-                     f"{ratios['latent_step_over_decoding_step_b1']:.2f}x (paired; "
-                     f"{verdict(ratios['latent_step_over_decoding_step_b1'], 2, False)})")
+        if min(per_step_ms.values()) <= 0:  # a difference drowned in noise: say so rather than a verdict
+            lines.append(f"per step, batch {b1}: not resolved above the noise ({per_step_ms}); run more rounds "
+                         "(--min-time)")
+        else:
+            lines.append(f"per step, batch {b1}: latent step {per_step_ms['latent_step_ms']:.2f} ms, decoding step "
+                         f"{per_step_ms['decoding_step_ms']:.2f} ms (medians of per-round differences); latent / "
+                         f"decoding {ratios['latent_step_over_decoding_step_b1']:.2f}x (paired; "
+                         f"{verdict(ratios['latent_step_over_decoding_step_b1'], 2, False)})")
     for b in args.batch_sizes[1:]:
         for kind in ("vedas", "stock"):
             # throughput ratio = (b / t_b) / (b1 / t_b1)

@@ -541,19 +541,7 @@ def tiny_qwen2_vl_config_dict(tokenizer, backbone: str = "qwen2_vl", **overrides
     if backbone == "chameleon":
         raise ValueError(f"backbone={backbone!r} has no Qwen2-VL config; use `tiny_chameleon_config_dict`.")
     defaults = {
-        "text_config": {
-            "vocab_size": _vocab_size(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            "bos_token_id": _token_id(tokenizer, PAD_TOKEN),
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        "text_config": _tiny_text_defaults(tokenizer, rope_theta=1000000.0),
         "vision_config": _tiny_vision_defaults(backbone),
         "image_token_id": _token_id(tokenizer, IMAGE_TOKEN),
         "video_token_id": _token_id(tokenizer, VIDEO_TOKEN),
@@ -567,6 +555,24 @@ def tiny_qwen2_vl_config_dict(tokenizer, backbone: str = "qwen2_vl", **overrides
     rope.setdefault("mrope_section", _mrope_section(_text_head_dim(text)))
     vision.setdefault("out_hidden_size" if backbone == "qwen2_5_vl" else "hidden_size", text["hidden_size"])
     return config
+
+
+def _tiny_text_defaults(tokenizer, rope_theta: float) -> dict:
+    """The tiny language model both backbones share: 64 wide, 4 layers, 4 heads (2 kv), MLP 128, 2048 positions,
+    default RoPE at `rope_theta`, vocabulary and bos (`<|endoftext|>`) / eos / pad ids from `tokenizer`."""
+    return {
+        "vocab_size": _vocab_size(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "bos_token_id": _token_id(tokenizer, PAD_TOKEN),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _chameleon_image_codes(vocab: dict[str, int]) -> list[int]:
@@ -630,17 +636,7 @@ def tiny_chameleon_config_dict(tokenizer, **overrides: Any) -> dict:
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     vocab = tokenizer.get_vocab()
     defaults = {
-        "vocab_size": _vocab_size(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "bos_token_id": _token_id(tokenizer, PAD_TOKEN),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
+        **_tiny_text_defaults(tokenizer, rope_theta=10000.0),
         "image_token_id": _token_id(tokenizer, CHAMELEON_IMAGE_TOKEN),
         "swin_norm": False,
         "tie_word_embeddings": False,

@@ -249,6 +249,9 @@ def test_replay_columns_nobody_attends_are_dropped_before_decoding(vedas_dir, pr
     assert len(masks) == 8 and all(mask is None or bool(mask.bool().all()) for mask in masks[4:])
     static = model.generate(**batch, cache_implementation="static", **kwargs)  # sized after the drop
     assert torch.equal(static.sequences, compact["batch"].sequences)
+    with torch.no_grad():  # the uncached recomputation keeps every column
+        reference = uncached_first_answer_logits(model, batch, steps=3)
+    assert (compact["batch"].logits[0] - reference).abs().max().item() < 1e-4
     monkeypatch.setattr(modeling_vedas, "_drop_unattended_columns", lambda phase, prompt_columns: None)
     masks.clear()
     full = {name: model.generate(**inputs, **kwargs) for name, inputs in (("batch", batch), ("single", single))}

@@ -43,16 +43,15 @@ class Profile:
         self.ops = collections.Counter()
         self.calls = collections.Counter()  # calls that set a phase, per phase (timed runs only)
         self.stack = []  # [phase, component, start, children_time]
-        self.phase = "other"
         self.counting = False
 
     def key(self):
-        return (self.stack[-1][0], self.stack[-1][1]) if self.stack else (self.phase, "other")
+        return (self.stack[-1][0], self.stack[-1][1]) if self.stack else ("other", "other")
 
     @contextlib.contextmanager
     def region(self, component, phase=None):
         synchronize(self.device)
-        outer_phase = self.stack[-1][0] if self.stack else self.phase
+        outer_phase = self.stack[-1][0] if self.stack else "other"
         entry = [phase or outer_phase, component, time.perf_counter(), 0.0]
         if phase is not None and not self.counting:
             self.calls[phase] += 1
@@ -83,7 +82,6 @@ class Profile:
 
     def top_level(self, phase):
         """Time a whole call as `phase` / other (its wrapped components are subtracted)."""
-        self.phase = phase
         return self.region("other", phase)
 
 
